@@ -1,0 +1,287 @@
+"""One typed config for every job, read from a TOML recipe in jobs/ plus `--set key=value` overrides.
+
+A recipe is data only: it is parsed with tomllib, never executed. Unknown keys and values of the wrong
+type are errors that name the key and the file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synthetic"  # shards folder (manifest.json + <split>-NNNNN.h5)
+    # Where `root` holds no manifest and this is true, synthetic shards are packed there first.
+    make_synthetic: bool = True
+    synthetic_train: int = 2000
+    synthetic_val: int = 256
+    synthetic_test: int = 256
+    synthetic_seed: int = 0
+    train_splits: list[str] = field(default_factory=lambda: ["train"])
+    val_split: str = "val"
+    test_split: str = "test"
+    input_size: int = 128  # model input side; targets are always 128x128
+    num_workers: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    shift: float = 0.3  # t: uniform in ±t × box size per axis
+    scale: float = 0.3  # s: 1 + clip(N(0,1), -1, 1) × s
+    rotation: float = 5.0  # r: clip(N(0,1), -2, 2) × r degrees, with probability rotation_prob
+    rotation_prob: float = 0.6
+    colour: float = 0.3  # c: per-channel gain in [1 - c, 1 + c]
+    flip: float = 0.5  # probability of a horizontal flip (swaps the hands)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet_unet"  # unet | unet_deep | unet_attention | resnet_unet | smp_unetplusplus | ...
+    encoder_depth: int = 50  # ResNet depth for resnet_unet: 18, 34, 50, 101
+    base_channels: int = 64  # plain U-Nets
+    attention: bool = False  # attention gates on the skip connections (resnet_unet)
+    stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end
+    pretrained: str = ""  # path of a local torchvision encoder state dict; nothing is downloaded
+
+
+@dataclass
+class LossConfig:
+    name: str = "dice_ce"  # ce | dice | dice_ce | focal | jaccard | dice_topk
+    class_weights: list[float] = field(default_factory=list)  # 17 weights, or empty
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    focal_gamma: float = 2.0
+    topk: float = 0.1  # fraction of hardest pixels kept by the top-k cross-entropy
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.01  # cosine decays to lr × this at the last step
+    grad_clip: float = 1.0  # 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20000
+    global_batch: int = 32  # fixed by the recipe; per-rank batch = global / world size
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 turns it off
+    val_every: int = 1000  # steps; 0 turns validation off
+    log_every: int = 50  # steps between plain log lines
+    tta_flip: bool = False  # validate with horizontal-flip test-time augmentation
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    every_minutes: float = 30.0
+    keep_last: int = 3
+    # Resuming with another data fingerprint or global batch size is refused unless this is set.
+    allow_mismatch: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"  # auto (online with a configured key, else offline) | online | offline | off
+    project: str = "amodal"
+    entity: str = ""
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    hours: float = 24.0
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    signal_delay_s: int = 300  # USR2 this long before the wall-time limit
+    max_walltime_requeues: int = 10
+    array_parallelism: int = 8  # sweeps: elements running at once
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # a checkpoint file, or a run folder (its best, else newest, checkpoint)
+    split: str = "test"
+    batch_size: int = 64
+    tta_flip: bool = True
+    submission: str = "test.lmdb.tar.gz"  # written in the run folder
+
+
+@dataclass
+class Config:
+    name: str = "train"
+    job: str = "train"  # train | retrain_full | export
+    run_dir: str = ""  # default: runs/<name>
+    from_run: str = ""  # retrain_full: take the step count of this finished run
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # A sweep: dotted key -> list of values; each point of the grid is one run (a Slurm array element).
+    sweep: dict[str, list] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_value(value, annotation, where: str):
+    """Return value converted to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_value(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not {annotation}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if annotation is typing.Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _hints(cls):
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, table: dict, where: str):
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a table, got {value!r}")
+            kwargs[key] = _build(annotation, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_value(value, annotation, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.steps=100' -> (['train', 'steps'], 100). Values are TOML; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    return key.split("."), value
+
+
+def apply_override(table: dict, path: list[str], value) -> None:
+    node = table
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a table")
+    node[path[-1]] = value
+
+
+def from_dict(table: dict, where: str = "config") -> Config:
+    return _build(Config, table, where)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a recipe (or the defaults when path is None) and apply `key=value` overrides in order."""
+    table: dict = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such recipe") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        table.setdefault("name", path.stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(table, keys, value)
+    if overrides:
+        where += " with --set " + " ".join(overrides)
+    return from_dict(table, where)
+
+
+def sweep_points(config: Config) -> list[Config]:
+    """The grid of a sweep, one Config per point (in row-major order of the sweep keys)."""
+    import itertools
+
+    if not config.sweep:
+        return [config]
+    keys = list(config.sweep)
+    base = config.to_dict()
+    base["sweep"] = {}
+    points = []
+    for i, values in enumerate(itertools.product(*(config.sweep[k] for k in keys))):
+        table = json.loads(json.dumps(base))
+        for key, value in zip(keys, values):
+            apply_override(table, key.split("."), value)
+        table["name"] = f"{config.name}-{i:03d}"
+        points.append(from_dict(table, f"{config.name} sweep point {i}"))
+    return points
+
+
+def set_in(config: Config, dotted: str, value) -> Config:
+    """A copy of config with one dotted key replaced (type-checked)."""
+    table = config.to_dict()
+    apply_override(table, dotted.split("."), value)
+    return from_dict(table, f"set {dotted}")

@@ -1,0 +1,1 @@
+"""Data: synthetic generator, HDF5 shards, importers, augmentation, dataset and sampler."""

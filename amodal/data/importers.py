@@ -1,0 +1,425 @@
+"""Sources for the packer: the course's LMDB layout and a plain folder (FORMAT.md, "Importers").
+
+Both yield RawSample (full frame, box, [left, right] label maps 0..16) by index, so the packer can pack
+shards in any order and resume. Every fault names the file and the sample key it was found in.
+
+The writers at the bottom produce the same layouts from RawSamples; the tests and tools/bench_data.py
+build their fixtures with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from amodal.data.shards import RawSample, SourceError
+from amodal.labels import NUM_PARTS
+
+HAND_TYPES = ("right", "left", "interacting")
+COURSE_IMAGE_PREFIX = "./data/InterHand2.6M/images/"
+IMAGES_LMDB = "interhand.lmdb"
+LABELS_LMDB = "segm_train_val_mp.lmdb"
+LEFT_OFFSET = 16  # the course stores the left hand's parts as 17..32 in its `__l` maps
+COURSE_DATALISTS = {"train": "datalist_train_mp.pt", "val": "datalist_val_mp.pt", "test": "datalist_stud_test.pt"}
+COURSE_PATH2ID = {"train": "path2id_train.pt", "val": "path2id_val.pt"}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading torch pickles without running pickled code
+
+
+def _numpy_safe_globals() -> list:
+    """numpy arrays and scalars, which datalists may hold (a bbox as an array): plain data, no code."""
+    try:
+        from numpy._core import multiarray
+        names = ("numpy._core.multiarray", "numpy.core.multiarray")
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+        names = ("numpy.core.multiarray",)
+    out = [np.ndarray, np.dtype]
+    for mod in names:
+        out += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    out += [type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "u1", "i2", "u2", "u4", "u8", "b1")]
+    return out
+
+
+def load_torch_data(path) -> object:
+    """torch.load(weights_only=True): only tensors, containers, numbers, strings (and numpy arrays)."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler's refusal names the offending global
+        text = str(e)
+        m = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please use|\n\nCheck|$)", text, re.S)
+        reason = " ".join((m.group(1) if m else text or type(e).__name__).split())
+        raise SourceError(f"{path}: not plain data (lists/dicts of numbers and strings); refused to load "
+                          f"it with weights_only=True: {reason}") from None
+
+
+def _plain(value):
+    """numpy / tensor scalars and arrays -> python numbers and lists."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _check_bbox(bbox, where: str, key: str) -> np.ndarray:
+    bbox = _plain(bbox)
+    try:
+        box = np.asarray([float(_plain(v)) for v in bbox], dtype=np.float32)
+    except (TypeError, ValueError):
+        raise SourceError(f"{where}: key {key!r}: bbox {bbox!r} is not 4 numbers") from None
+    if box.shape != (4,):
+        raise SourceError(f"{where}: key {key!r}: bbox {bbox!r} is not 4 numbers [x, y, w, h]")
+    return box
+
+
+# ---------------------------------------------------------------------------------------------------
+# The course's LMDB layout
+
+
+_ENVS: dict = {}  # (pid, path) -> open environment: LMDB allows one per path and process
+
+
+def close_environments() -> None:
+    """Close the LMDB environments this process opened (a later read reopens them)."""
+    for ident in [i for i in _ENVS if i[0] == os.getpid()]:
+        _ENVS.pop(ident).close()
+
+
+class _Lmdb:
+    """A read-only LMDB environment opened lazily in the process that reads it (never across a fork)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SourceError(f"{self.path}: no such LMDB environment")
+
+    def _env(self):
+        import lmdb
+
+        ident = (os.getpid(), str(self.path.resolve()))
+        env = _ENVS.get(ident)
+        if env is None:
+            try:
+                env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
+                                subdir=self.path.is_dir(), max_readers=256)
+            except lmdb.Error as e:
+                raise SourceError(f"{self.path}: cannot open LMDB: {e}") from None
+            _ENVS[ident] = env
+        return env
+
+    def get(self, key: str) -> bytes:
+        with self._env().begin(buffers=False) as txn:
+            value = txn.get(key.encode())
+        if value is None:
+            raise SourceError(f"{self.path}: key {key!r} not found")
+        return value
+
+
+def decode_image(data: bytes, where: str, key: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SourceError(f"{where}: key {key!r}: not a decodable image")
+    return image
+
+
+def decode_label(data: bytes, where: str, key: str) -> np.ndarray:
+    """A label PNG: one channel, or three identical ones (the course's form) -> (H, W) uint8."""
+    lab = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if lab is None:
+        raise SourceError(f"{where}: key {key!r}: not a decodable label image")
+    if lab.dtype != np.uint8:
+        raise SourceError(f"{where}: key {key!r}: label image is {lab.dtype}, expected 8-bit")
+    if lab.ndim == 3:
+        if lab.shape[2] not in (3, 4) or not (np.array_equal(lab[..., 0], lab[..., 1])
+                                              and np.array_equal(lab[..., 0], lab[..., 2])):
+            raise SourceError(f"{where}: key {key!r}: label image channels differ (expected one channel "
+                              "or three identical ones)")
+        lab = np.ascontiguousarray(lab[..., 0])
+    return lab
+
+
+def course_left(raw: np.ndarray, where: str, key: str) -> np.ndarray:
+    """The course's `__l` map (left parts as 17..32) -> 0..16."""
+    fg = raw > 0
+    bad = fg & ((raw <= LEFT_OFFSET) | (raw > LEFT_OFFSET + NUM_PARTS))
+    if bad.any():
+        raise SourceError(f"{where}: key {key!r}: left-hand labels must be 0 or "
+                          f"{LEFT_OFFSET + 1}..{LEFT_OFFSET + NUM_PARTS}, found {sorted(np.unique(raw[bad]))[:5]}")
+    out = raw.copy()
+    out[fg] -= LEFT_OFFSET
+    return out
+
+
+def check_part_values(lab: np.ndarray, where: str, key: str) -> np.ndarray:
+    if lab.max(initial=0) > NUM_PARTS:
+        raise SourceError(f"{where}: key {key!r}: label values must be 0..{NUM_PARTS}, "
+                          f"found {int(lab.max())}")
+    return lab
+
+
+class CourseSource:
+    """One split (train, val or test) of the course's data folder (data/InterHand2.6M/ in the course)."""
+
+    has_front = False
+
+    def __init__(self, root, split: str):
+        root = Path(root)
+        if split not in COURSE_DATALISTS:
+            raise SourceError(f"{root}: course split {split!r}: expected one of {list(COURSE_DATALISTS)}")
+        self.root, self.split = root, split
+        datalist_path = root / COURSE_DATALISTS[split]
+        self.datalist_path = datalist_path
+        datalist = load_torch_data(datalist_path)
+        if not isinstance(datalist, list):
+            raise SourceError(f"{datalist_path}: expected a list of dicts, got {type(datalist).__name__}")
+        self.has_labels = split in COURSE_PATH2ID
+        path2id = {}
+        digest = _file_digest(datalist_path)
+        if self.has_labels:
+            p2i_path = root / COURSE_PATH2ID[split]
+            path2id = load_torch_data(p2i_path)
+            if not isinstance(path2id, dict):
+                raise SourceError(f"{p2i_path}: expected a dict image key -> id, got {type(path2id).__name__}")
+            digest += "-" + _file_digest(p2i_path)
+        self.entries = []  # (image key, lmdb image key, bbox, hand_type, label id or None)
+        for n, item in enumerate(datalist):
+            where = f"{datalist_path} entry {n}"
+            if not isinstance(item, dict) or "img_path" not in item or "bbox" not in item:
+                raise SourceError(f"{where}: expected a dict with img_path and bbox, got {item!r:.200}")
+            img_path = item["img_path"]
+            if not isinstance(img_path, str) or not img_path.startswith(COURSE_IMAGE_PREFIX) \
+                    or not img_path.endswith(".jpg"):
+                raise SourceError(f"{where}: img_path {img_path!r} does not look like "
+                                  f"'{COURSE_IMAGE_PREFIX}<key>.jpg'")
+            key = img_path[len(COURSE_IMAGE_PREFIX):-len(".jpg")]
+            bbox = _check_bbox(item["bbox"], str(datalist_path), key)
+            hand_type = item.get("hand_type", "")
+            if hand_type not in HAND_TYPES:
+                raise SourceError(f"{datalist_path}: key {key!r}: hand_type {hand_type!r} is not one of "
+                                  f"{HAND_TYPES}")
+            label_id = None
+            if self.has_labels:
+                if key not in path2id:
+                    raise SourceError(f"{root / COURSE_PATH2ID[split]}: key {key!r} (from {datalist_path}) "
+                                      "has no label id")
+                label_id = str(_plain(path2id[key]))
+            lmdb_key = img_path[2:]  # without the leading './'
+            self.entries.append((key, lmdb_key, bbox, hand_type, label_id))
+        self.images = _Lmdb(root / IMAGES_LMDB)
+        self.labels = _Lmdb(root / LABELS_LMDB) if self.has_labels else None
+        self.name = f"course {root.resolve()} {split} lists={digest}"
+        self.where = str(datalist_path)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keys(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+    def get(self, i: int) -> RawSample:
+        key, lmdb_key, bbox, hand_type, label_id = self.entries[i]
+        image = decode_image(self.images.get(lmdb_key), str(self.images.path), lmdb_key)
+        labels = None
+        if self.has_labels:
+            where = str(self.labels.path)
+            left = course_left(decode_label(self.labels.get(label_id + "__l"), where, label_id + "__l"),
+                               where, label_id + "__l")
+            right = check_part_values(decode_label(self.labels.get(label_id + "__r"), where, label_id + "__r"),
+                                      where, label_id + "__r")
+            if left.shape != right.shape or left.shape != image.shape[:2]:
+                raise SourceError(f"{where}: key {label_id!r} (image {key!r}): label maps "
+                                  f"{left.shape}/{right.shape} do not match the image {image.shape[:2]}")
+            labels = np.stack([left, right])
+        return RawSample(key=key, image=image, bbox=bbox, labels=labels, hand_type=hand_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A plain folder
+
+FOLDER_BOXES = "boxes.json"
+
+
+class FolderSource:
+    """One split of a folder: images/<key>.jpg|png, labels/<key>__l.png and <key>__r.png (0..16), and
+    boxes.json = {split: [{"key", "bbox": [x, y, w, h], "hand_type" (optional)}, ...]}.
+    Labels are required, except for a test split, where they may be absent altogether."""
+
+    has_front = False
+
+    def __init__(self, root, split: str):
+        root = Path(root)
+        self.root, self.split = root, split
+        boxes_path = root / FOLDER_BOXES
+        try:
+            table = json.loads(boxes_path.read_text())
+        except FileNotFoundError:
+            raise SourceError(f"{boxes_path}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{boxes_path}: not valid JSON: {e}") from None
+        if not isinstance(table, dict) or split not in table or not isinstance(table[split], list):
+            have = list(table) if isinstance(table, dict) else []
+            raise SourceError(f"{boxes_path}: no list for split {split!r} (have: {have})")
+        self.entries = []  # (key, image path, bbox, hand_type)
+        seen = set()
+        for n, item in enumerate(table[split]):
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str) or "bbox" not in item:
+                raise SourceError(f"{boxes_path}: {split}[{n}]: expected {{'key': str, 'bbox': [x, y, w, h]}}")
+            key = item["key"]
+            if not key or key.startswith("/") or ".." in Path(key).parts or "\\" in key:
+                raise SourceError(f"{boxes_path}: {split}[{n}]: key {key!r} is not a relative path")
+            if key in seen:
+                raise SourceError(f"{boxes_path}: key {key!r} appears twice in split {split!r}")
+            seen.add(key)
+            bbox = _check_bbox(item["bbox"], str(boxes_path), key)
+            hand_type = item.get("hand_type", "")
+            if hand_type and hand_type not in HAND_TYPES:
+                raise SourceError(f"{boxes_path}: key {key!r}: hand_type {hand_type!r} not in {HAND_TYPES}")
+            image = next((p for p in (root / "images" / f"{key}.jpg", root / "images" / f"{key}.png")
+                          if p.exists()), None)
+            if image is None:
+                raise SourceError(f"{root / 'images'}: key {key!r}: no {key}.jpg or {key}.png")
+            self.entries.append((key, image, bbox, hand_type))
+        present = [(root / "labels" / f"{k}__l.png").exists() and (root / "labels" / f"{k}__r.png").exists()
+                   for k, *_ in self.entries]
+        self.has_labels = all(present) and bool(present)
+        if not self.has_labels:
+            missing = next((e[0] for e, p in zip(self.entries, present) if not p), None)
+            if split != "test" or any(present):
+                if missing is not None:
+                    raise SourceError(f"{root / 'labels'}: key {missing!r}: missing {missing}__l.png or "
+                                      f"{missing}__r.png (labels are optional only for a whole test split)")
+        self.name = f"folder {root.resolve()} {split} boxes={_file_digest(boxes_path)}"
+        self.where = str(boxes_path)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keys(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+    def get(self, i: int) -> RawSample:
+        key, path, bbox, hand_type = self.entries[i]
+        image = decode_image(path.read_bytes(), str(path), key)
+        labels = None
+        if self.has_labels:
+            maps = []
+            for side in ("l", "r"):
+                p = self.root / "labels" / f"{key}__{side}.png"
+                maps.append(check_part_values(decode_label(p.read_bytes(), str(p), key), str(p), key))
+                if maps[-1].shape != image.shape[:2]:
+                    raise SourceError(f"{p}: key {key!r}: label map is {maps[-1].shape[1]}x{maps[-1].shape[0]}, "
+                                      f"image {path.name} is {image.shape[1]}x{image.shape[0]}")
+            labels = np.stack(maps)
+        return RawSample(key=key, image=image, bbox=bbox, labels=labels, hand_type=hand_type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packing entry points (tools/pack_shards.py)
+
+
+def pack_course(root, out, splits=("train", "val", "test"), **kw) -> dict:
+    from amodal.data.shards import pack
+
+    sources = {s: CourseSource(root, s) for s in splits}
+    try:
+        return pack(out, sources, description=f"course data from {Path(root).resolve()}", **kw)
+    finally:
+        close_environments()
+
+
+def pack_folder(root, out, splits=None, **kw) -> dict:
+    from amodal.data.shards import pack
+
+    if splits is None:
+        boxes = Path(root) / FOLDER_BOXES
+        try:
+            splits = list(json.loads(boxes.read_text()))
+        except FileNotFoundError:
+            raise SourceError(f"{boxes}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise SourceError(f"{boxes}: cannot read: {e}") from None
+    sources = {s: FolderSource(root, s) for s in splits}
+    return pack(out, sources, description=f"folder {Path(root).resolve()}", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers of the same layouts (fixtures for tests and benchmarks)
+
+
+def _encode(ext: str, image: np.ndarray, params=()) -> bytes:
+    ok, buf = cv2.imencode(ext, image, list(params))
+    if not ok:
+        raise ValueError(f"cannot encode {ext}")
+    return buf.tobytes()
+
+
+def write_course_layout(root, splits: dict[str, list[RawSample]], jpeg_quality: int = 95) -> None:
+    """The course's files for RawSamples whose keys are image keys (e.g. 'train/Capture0/.../image0001'):
+    interhand.lmdb, segm_train_val_mp.lmdb (train and val labels), path2id_*.pt, datalist_*.pt."""
+    import lmdb
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    next_id = 0
+    env_img = lmdb.open(str(root / IMAGES_LMDB), map_size=1 << 32)
+    env_seg = lmdb.open(str(root / LABELS_LMDB), map_size=1 << 32)
+    with env_img.begin(write=True) as ti, env_seg.begin(write=True) as ts:
+        for split, samples in splits.items():
+            datalist, path2id = [], {}
+            for n, s in enumerate(samples):
+                img_path = f"{COURSE_IMAGE_PREFIX}{s.key}.jpg"
+                ti.put(img_path[2:].encode(), _encode(".jpg", s.image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]))
+                datalist.append({"img_path": img_path, "bbox": [float(v) for v in s.bbox],
+                                 "hand_type": s.hand_type or "interacting", "capture": 0, "cam": n, "frame": n})
+                if split in COURSE_PATH2ID:
+                    path2id[s.key] = next_id
+                    left = np.where(s.labels[0] > 0, s.labels[0] + LEFT_OFFSET, 0).astype(np.uint8)
+                    three = lambda m: np.repeat(m[:, :, None], 3, axis=2)  # the course's 3 equal channels
+                    ts.put(f"{next_id}__l".encode(), _encode(".png", three(left)))
+                    ts.put(f"{next_id}__r".encode(), _encode(".png", three(s.labels[1])))
+                    next_id += 1
+            torch.save(datalist, root / COURSE_DATALISTS[split])
+            if split in COURSE_PATH2ID:
+                torch.save(path2id, root / COURSE_PATH2ID[split])
+    env_img.close()
+    env_seg.close()
+
+
+def write_folder_layout(root, splits: dict[str, list[RawSample]], image_ext: str = ".png") -> None:
+    """images/<key><ext>, labels/<key>__l.png / __r.png (where a sample has labels), boxes.json."""
+    root = Path(root)
+    boxes = {}
+    for split, samples in splits.items():
+        boxes[split] = []
+        for s in samples:
+            img = root / "images" / f"{s.key}{image_ext}"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            img.write_bytes(_encode(image_ext, s.image))
+            if s.labels is not None:
+                for side, m in (("l", s.labels[0]), ("r", s.labels[1])):
+                    p = root / "labels" / f"{s.key}__{side}.png"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(_encode(".png", m))
+            entry = {"key": s.key, "bbox": [float(v) for v in s.bbox]}
+            if s.hand_type:
+                entry["hand_type"] = s.hand_type
+            boxes[split].append(entry)
+    (root / FOLDER_BOXES).write_text(json.dumps(boxes, indent=1))

@@ -120,6 +120,34 @@ def test_workers_open_hdf5_lazily_and_match_the_in_process_loader(train_set):
     assert all(torch.equal(a, b) for a, b in zip(images, ref_images))
 
 
+@pytest.mark.timeout(180)
+def test_workers_survive_the_signals_slurm_sends_to_every_process(train_set):
+    """Slurm sends USR2/SIGTERM to every process of a job step; the loop saves after that, so the
+    workers (and the fork server they come from) must keep serving batches."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    loader = build_train_loader(train_set, G, 0, 1, seed=7, num_workers=1)
+    next(loader)
+    worker_pids = [w.pid for w in loader._it._workers]
+    from multiprocessing import forkserver
+
+    server_pid = forkserver._forkserver._forkserver_pid
+    try:
+        for pid in worker_pids + [server_pid]:
+            os.kill(pid, signal.SIGUSR2)
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        for _ in range(6):  # more batches than were prefetched before the signals
+            assert len(next(loader)["key"]) == G
+        assert all(w.is_alive() for w in loader._it._workers)
+        os.kill(server_pid, 0)  # the fork server is alive too (raises if not)
+    finally:
+        loader.close()
+
+
 def test_eval_loader_gives_every_sample_once_in_order(synthetic_shards):
     ds = ShardDataset(synthetic_shards, "val")
     per_rank = []

@@ -9,6 +9,8 @@ global batch continues with exactly the same global batches.
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Iterator
 
 import cv2
@@ -65,8 +67,15 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch
 
 
+# Slurm signals every process of a job step; only the training loop may act on these (DESIGN.md §3).
+LOOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
 def worker_init(_worker_id: int) -> None:
-    """Each loader worker: single-threaded OpenCV and torch (parallelism comes from the workers)."""
+    """Each loader worker: single-threaded OpenCV and torch (parallelism comes from the workers), and
+    deaf to the loop's signals, which would otherwise kill it while the loop saves."""
+    for sig in LOOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
@@ -120,8 +129,18 @@ def worker_context():
     before, hangs a forked worker in cv2.setNumThreads), and its open HDF5 handles. The server is a
     clean process that has imported the data code once, so each worker still starts quickly."""
     import multiprocessing as mp
+    from multiprocessing import forkserver
 
     mp.set_forkserver_preload(["amodal.data.dataset"])  # only read when the server starts
+    if threading.current_thread() is threading.main_thread():
+        # exec keeps ignored signals ignored: a server (and its resource tracker) started now passes
+        # that on to every worker it forks, so a USR2 or SIGTERM from Slurm cannot kill them.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in LOOP_SIGNALS}
+        try:
+            forkserver.ensure_running()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return mp.get_context("forkserver")
 
 

@@ -90,6 +90,9 @@ class TrainConfig:
     log_every: int = 50  # steps between plain log lines
     tta_flip: bool = False  # validate with horizontal-flip test-time augmentation
     device: str = "auto"  # auto | cpu | cuda
+    # Record each step's global batch (sample indices, all ranks) in metrics.jsonl; for audits and the
+    # tests that prove a resumed run sees the same samples. Costs one small all_gather per step.
+    log_samples: bool = False
 
 
 @dataclass
@@ -114,6 +117,7 @@ class SlurmConfig:
     hours: float = 24.0
     nodes: int = 1
     gpus_per_node: int = 1
+    tasks_per_node: int = 0  # ranks per node; 0 means one per GPU (at least one)
     cpus_per_task: int = 8
     mem: str = ""
     account: str = ""
@@ -152,6 +156,9 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     # A sweep: dotted key -> list of values; each point of the grid is one run (a Slurm array element).
     sweep: dict[str, list] = field(default_factory=dict)
+    # Explicit sweep points, run after the grid's: each a table of overrides (dotted keys or nested
+    # tables, e.g. {"model.name" = "unet"}), plus an optional `name` that labels the point's run.
+    points: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,23 +268,70 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return from_dict(table, where)
 
 
+def _flatten(table: dict, prefix: str = "") -> dict:
+    """{"model": {"name": "unet"}, "loss.name": "ce"} -> {"model.name": "unet", "loss.name": "ce"}."""
+    flat = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _slug(overrides: dict) -> str:
+    """A readable run-name suffix for a point: string values as they are, numbers with their key."""
+    parts = []
+    for key, value in overrides.items():
+        leaf = key.split(".")[-1]
+        if isinstance(value, bool):
+            parts.append(leaf if value else f"no_{leaf}")
+        elif isinstance(value, str):
+            parts.append(Path(value).stem if "/" in value else value)
+        else:
+            parts.append(f"{leaf}{value}")
+    text = "-".join(parts) or "base"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
 def sweep_points(config: Config) -> list[Config]:
-    """The grid of a sweep, one Config per point (in row-major order of the sweep keys)."""
+    """The runs of a sweep, one Config per point: the grid of `sweep` (row-major in the order of its
+    keys), then the explicit `points`. Without either, [config] unchanged.
+
+    Point i is named f"{name}-{i:03d}-{suffix}" (suffix: the point's `name`, else its overrides'
+    values) and runs in <run_dir or runs/name>/<that name>, so one folder holds the whole sweep.
+    """
     import itertools
 
-    if not config.sweep:
+    if not config.sweep and not config.points:
         return [config]
+    overrides: list[tuple[dict, str]] = []  # (dotted key -> value, where)
     keys = list(config.sweep)
+    grid = itertools.product(*(config.sweep[k] for k in keys)) if keys else []  # product() of nothing is one point
+    for values in grid:
+        overrides.append((dict(zip(keys, values)), f"{config.name} sweep point {len(overrides)}"))
+    for j, point in enumerate(config.points):
+        overrides.append((_flatten(point), f"{config.name} points[{j}]"))
     base = config.to_dict()
-    base["sweep"] = {}
-    points = []
-    for i, values in enumerate(itertools.product(*(config.sweep[k] for k in keys))):
+    base["sweep"], base["points"] = {}, []
+    parent = Path(config.run_dir or Path("runs") / config.name)
+    result = []
+    for i, (point, where) in enumerate(overrides):
+        label = point.pop("name", None)
+        for key in point:
+            if key.split(".")[0] in ("sweep", "points", "run_dir"):
+                raise ConfigError(f"{where}: {key!r} cannot be set per point")
+        if label is not None and not isinstance(label, str):
+            raise ConfigError(f"{where}.name: expected a string, got {label!r}")
+        name = f"{config.name}-{i:03d}-{_slug({'name': label} if label else point)}"
         table = json.loads(json.dumps(base))
-        for key, value in zip(keys, values):
+        for key, value in point.items():
             apply_override(table, key.split("."), value)
-        table["name"] = f"{config.name}-{i:03d}"
-        points.append(from_dict(table, f"{config.name} sweep point {i}"))
-    return points
+        table["name"] = name
+        table["run_dir"] = str(parent / name)
+        result.append(from_dict(table, where))
+    return result
 
 
 def set_in(config: Config, dotted: str, value) -> Config:

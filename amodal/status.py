@@ -1,0 +1,140 @@
+"""python -m amodal.status RUN_DIR: state, requeues, last checkpoint and latest metrics of a run.
+
+Reads the run folder (job.json written by amodal.launch, requeues.json, config.json, checkpoints/,
+metrics.jsonl) and, for Slurm jobs, asks squeue, scontrol and sacct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from amodal.jobs import read_requeues
+
+
+def _slurm(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def slurm_lines(job_id: str) -> list[str]:
+    """State (squeue while the job is queued or running, else sacct), runs and restarts of a Slurm job."""
+    if not shutil.which("squeue"):
+        return [f"job        {job_id} on Slurm: no Slurm commands on this machine"]
+    queued = _slurm("squeue", "-h", "-j", job_id, "-o", "%T|%r|%N")
+    if queued:
+        state, reason, nodes = queued.splitlines()[0].split("|")
+        state += f" on {nodes}" if state == "RUNNING" else f" ({reason})"
+    else:
+        final = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode").splitlines()
+        state = final[-1].replace("|", ", exit ") if final else "unknown (not in squeue or sacct yet)"
+    lines = [f"job        {job_id} on Slurm: {state}"]
+    runs = _slurm("sacct", "-n", "-D", "-X", "-P", "-j", job_id, "-o", "State").split()
+    if runs:
+        lines.append(f"runs       {' -> '.join(runs)} (sacct -D: one entry per start)")
+    restarts = re.search(r"\bRestarts=(\d+)", _slurm("scontrol", "-o", "show", "job", job_id))
+    if restarts:
+        lines.append(f"restarts   {restarts.group(1)} (scontrol)")
+    return lines
+
+
+def local_lines(job: dict) -> list[str]:
+    pid = int(job["job_id"]) if str(job["job_id"]).isdigit() else None
+    try:
+        alive = pid is not None and (os.kill(pid, 0) is None)
+    except OSError:
+        alive = False
+    return [f"job        {job['job_id']} ({job['cluster']}): {'running' if alive else 'not running'}"]
+
+
+def latest_events(path: Path) -> dict:
+    """The newest metrics.jsonl record of each event kind (train, val, checkpoint, done, ...)."""
+    latest: dict = {}
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and "event" in record:
+                latest[record["event"]] = record
+    return latest
+
+
+def _ago(record: dict) -> str:
+    return f" ({time.time() - record['time']:.0f} s ago)" if isinstance(record.get("time"), (int, float)) else ""
+
+
+def describe(run_dir: Path) -> str:
+    from amodal.checkpoint import list_checkpoints
+
+    if not any((run_dir / name).exists() for name in ("job.json", "config.json", "metrics.jsonl")):
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no job.json, config.json or metrics.jsonl)")
+    lines = [f"run        {run_dir}"]
+    job = json.loads((run_dir / "job.json").read_text()) if (run_dir / "job.json").exists() else None
+    if job is not None:
+        lines += slurm_lines(job["job_id"]) if job["cluster"] == "slurm" else local_lines(job)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    if config.get("job") == "export":
+        lines.append(f"model      {config['export']['checkpoint'] or config.get('from_run')}")
+        for name in ("predictions.h5", config["export"]["submission"]):
+            path = run_dir / name
+            made = f"{path.stat().st_size} bytes, {time.time() - path.stat().st_mtime:.0f} s ago" if path.exists() else ""
+            lines.append(f"output     {path}: {made or 'not yet'}")
+        if job is not None:
+            lines.append(f"log        {job['log']}")
+        return "\n".join(lines)
+    counts = read_requeues(run_dir)
+    lines.append(f"requeues   wall time {counts['walltime']}, preemption {counts['preemption']}, "
+                 f"scancel {counts['cancel']} (interruptions seen by the job)")
+    steps = config.get("train", {}).get("steps")
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        step, path = checkpoints[-1]
+        lines.append(f"checkpoint step {step}{f' of {steps}' if steps else ''}: {path}")
+    else:
+        lines.append("checkpoint none yet")
+    events = latest_events(run_dir / "metrics.jsonl")
+    if "train" in events:
+        e = events["train"]
+        lines.append(f"train      step {e['step']}: loss {e['loss']:.4f}, lr {e['lr']:.3g}, "
+                     f"{e.get('img_per_s', 0):.1f} img/s{_ago(e)}")
+    if "val" in events:
+        e = events["val"]
+        miou = "none" if e.get("miou") is None else f"{e['miou']:.4f}"
+        best = "none" if e.get("best_miou") is None else f"{e['best_miou']:.4f}"
+        lines.append(f"val        step {e['step']}: mIoU {miou} (best {best}){_ago(e)}")
+    last = max((e for k, e in events.items() if k in ("start", "interrupted", "done", "error")),
+               key=lambda e: e.get("time", 0), default=None)
+    if last is not None:
+        detail = last.get("error") or ", ".join(last.get("signals", [])) or ""
+        at = f" at step {last['step']}" if "step" in last else ""
+        lines.append(f"last       {last['event']}{at}" + (f": {detail}" if detail else "") + _ago(last))
+    if job is not None:
+        lines.append(f"log        {job['log']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amodal.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/smoke")
+    args = parser.parse_args(argv)
+    try:
+        print(describe(args.run_dir.resolve()))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

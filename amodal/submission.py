@@ -1,0 +1,423 @@
+"""The leaderboard file (DESIGN.md §1): writer, reader and validator.
+
+Format, exactly as the course's skeleton produced it:
+
+    test.lmdb.tar.gz            a gzip-compressed tar whose one top folder is test.lmdb
+      test.lmdb/data.mdb        an LMDB environment (lock.mdb beside it, as lmdb.open leaves it)
+      test.lmdb/lock.mdb
+      test.lmdb/im_path.pt      torch.save of a list of str: each test key + ".jpg", in test-list order
+
+For each test key the LMDB holds two PNG images, 128x128 uint8 with values 0..16, under the ASCII
+keys `<key>__l` (left hand) and `<key>__r` (right hand). The course wrote 3 identical channels; a
+reader takes channel 0. Keys are ASCII because the course's reader looks them up with
+`key.encode("ascii")`.
+
+The predictions file that the writer reads (amodal.predict writes it): HDF5 with a dataset `keys`
+(variable-length UTF-8 strings, test-list order) and `labels` uint8 (N, 2, 128, 128) [left, right].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import cv2
+import h5py
+import lmdb
+import numpy as np
+import torch
+
+from amodal.labels import NUM_PARTS, TARGET_SIZE
+
+TOP = "test.lmdb"
+IM_PATH = "im_path.pt"
+REQUIRED_FILES = ("data.mdb", IM_PATH)
+OPTIONAL_FILES = ("lock.mdb",)
+SUFFIXES = ("__l", "__r")  # left, right: the order of the two maps in labels[:, i]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHUNK = 256  # samples read from the predictions file at once
+
+
+class SubmissionError(ValueError):
+    """A fault in a predictions file or a leaderboard file; the message names the file and key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The predictions file
+
+
+def _decode_key(key) -> str:
+    return key.decode("utf-8") if isinstance(key, bytes) else str(key)
+
+
+@contextlib.contextmanager
+def _open_predictions(path: str | Path):
+    """Yield (keys, labels h5 dataset) after checking everything about the file but the values."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: no such predictions file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise SubmissionError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        for name in ("keys", "labels"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise SubmissionError(f"{path}: no dataset {name!r}")
+        labels = f["labels"]
+        if labels.dtype != np.uint8:
+            raise SubmissionError(f"{path}: labels have dtype {labels.dtype}, expected uint8")
+        if labels.ndim != 4 or labels.shape[1:] != (2, TARGET_SIZE, TARGET_SIZE):
+            raise SubmissionError(
+                f"{path}: labels have shape {labels.shape}, expected (N, 2, {TARGET_SIZE}, {TARGET_SIZE})"
+            )
+        if f["keys"].ndim != 1:
+            raise SubmissionError(f"{path}: keys have shape {f['keys'].shape}, expected (N,)")
+        keys = [_decode_key(k) for k in f["keys"][()]]
+        if len(keys) != labels.shape[0]:
+            raise SubmissionError(f"{path}: {len(keys)} keys but {labels.shape[0]} label pairs")
+        if not keys:
+            raise SubmissionError(f"{path}: no predictions")
+        seen: set[str] = set()
+        for i, key in enumerate(keys):
+            if not key:
+                raise SubmissionError(f"{path}: key {i} is empty")
+            if not key.isascii():
+                raise SubmissionError(f"{path}: key {key!r} is not ASCII (the course's reader encodes keys as ASCII)")
+            if key in seen:
+                raise SubmissionError(f"{path}: key {key!r} appears more than once")
+            seen.add(key)
+        yield keys, labels
+
+
+def _check_values(path: Path, keys: list[str], labels: h5py.Dataset) -> None:
+    for start in range(0, len(keys), CHUNK):
+        block = labels[start : start + CHUNK]
+        bad = np.flatnonzero(block.reshape(len(block), -1).max(axis=1) > NUM_PARTS)
+        if bad.size:
+            i = int(bad[0])
+            raise SubmissionError(
+                f"{path}: key {keys[start + i]!r} has label value {int(block[i].max())} (allowed 0..{NUM_PARTS})"
+            )
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(keys, labels uint8 (N, 2, 128, 128)) of a checked predictions file."""
+    with _open_predictions(path) as (keys, labels):
+        _check_values(Path(path), keys, labels)
+        return keys, labels[()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def encode_map(label_map: np.ndarray) -> bytes:
+    """A (128, 128) uint8 map -> PNG bytes with 3 identical channels, as the course wrote them."""
+    ok, buf = cv2.imencode(".png", np.repeat(label_map[:, :, None], 3, axis=2))
+    if not ok:
+        raise SubmissionError("OpenCV could not encode a label map as PNG")
+    return buf.tobytes()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
+    # Fixed owner and time so the archive depends only on its contents.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = 0o755 if directory else 0o644
+    return info
+
+
+def _pack(folder: Path, out_file) -> None:
+    """Write folder (named test.lmdb) as a gzip tar with test.lmdb as its one top folder."""
+    with gzip.GzipFile(filename="", fileobj=out_file, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(_tar_info(TOP, directory=True))
+            for child in sorted(folder.iterdir()):
+                with open(child, "rb") as f:
+                    tar.addfile(_tar_info(f"{TOP}/{child.name}", child.stat().st_size), f)
+
+
+def write_submission(predictions_h5: str | Path, out_path: str | Path, test_keys: Sequence[str] | None = None) -> Path:
+    """Write the leaderboard file out_path (test.lmdb.tar.gz) from a predictions file.
+
+    The predictions are checked first (shape, dtype, values 0..16, unique ASCII keys). The archive is
+    built next to out_path under temporary names, read back (checked against test_keys when given,
+    else against the predictions' keys) and compared with the predictions, then renamed over out_path:
+    an existing out_path is left untouched when anything fails.
+    """
+    predictions_h5 = Path(predictions_h5)
+    out_path = Path(out_path)
+    out_dir = out_path.parent if str(out_path.parent) else Path(".")
+    if not out_dir.is_dir():
+        raise SubmissionError(f"{out_path}: folder {out_dir} does not exist")
+
+    with _open_predictions(predictions_h5) as (keys, labels):
+        _check_values(predictions_h5, keys, labels)
+        for key in keys:
+            if len((key + "__l").encode("ascii")) > 511:  # LMDB's default key size limit
+                raise SubmissionError(f"{predictions_h5}: key {key!r} is too long for an LMDB key")
+
+        work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir))
+        tmp_tar = work.with_name(work.name + ".tar.gz")
+        try:
+            folder = work / TOP
+            folder.mkdir()
+            # Address space only: LMDB files grow with what is written. PNGs of label maps are a few
+            # kB; the raw size bounds them from above.
+            map_size = len(keys) * 2 * (3 * TARGET_SIZE * TARGET_SIZE + 4096) * 2 + (16 << 20)
+            env = lmdb.open(str(folder), map_size=map_size, subdir=True)
+            try:
+                for start in range(0, len(keys), CHUNK):
+                    block = labels[start : start + CHUNK]
+                    with env.begin(write=True) as txn:
+                        for key, pair in zip(keys[start : start + CHUNK], block):
+                            for hand, suffix in enumerate(SUFFIXES):
+                                txn.put((key + suffix).encode("ascii"), encode_map(pair[hand]))
+                env.sync(True)
+            finally:
+                env.close()
+            torch.save([key + ".jpg" for key in keys], folder / IM_PATH)
+
+            with open(tmp_tar, "wb") as f:
+                _pack(folder, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+            # Read back what will be submitted: format, keys (against test_keys when given) and every
+            # map equal to the predictions.
+            try:
+                with contextlib.closing(_iter_submission(tmp_tar, keys if test_keys is None else test_keys)) as back:
+                    for i, (key, pair) in enumerate(back):
+                        if not np.array_equal(pair, labels[i]):
+                            raise SubmissionError(f"{tmp_tar}: key {key!r} does not read back as written")
+            except SubmissionError as e:
+                raise SubmissionError(str(e).replace(str(tmp_tar), f"{out_path} (not written)")) from None
+
+            os.replace(tmp_tar, out_path)
+            _fsync_dir(out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            tmp_tar.unlink(missing_ok=True)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def _member_kind(m: tarfile.TarInfo) -> str:
+    if m.isdir():
+        return "folder"
+    if m.isfile():
+        return "file"
+    if m.issym():
+        return "symbolic link"
+    if m.islnk():
+        return "hard link"
+    return "special file"
+
+
+def _check_members(path: Path, members: list[tarfile.TarInfo]) -> list[tarfile.TarInfo]:
+    """The regular files to extract; SubmissionError on any unsafe, foreign or missing member."""
+    allowed = {f"{TOP}/{name}" for name in REQUIRED_FILES + OPTIONAL_FILES}
+    files: dict[str, tarfile.TarInfo] = {}
+    for m in members:
+        name = m.name
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or "\\" in name or ".." in parts or not parts:
+            raise SubmissionError(f"{path}: unsafe member path {name!r}")
+        if not (m.isdir() or m.isfile()):
+            raise SubmissionError(f"{path}: member {name!r} is a {_member_kind(m)}; only files and folders are allowed")
+    for m in members:
+        top = PurePosixPath(m.name).parts[0]
+        if top != TOP:
+            raise SubmissionError(f"{path}: wrong top folder {top!r} (member {m.name!r}); expected {TOP!r}")
+    for m in members:
+        name = "/".join(PurePosixPath(m.name).parts)  # drops a trailing slash of a folder
+        if name == TOP and m.isdir():
+            continue
+        if name not in allowed or not m.isfile():
+            raise SubmissionError(
+                f"{path}: unexpected member {m.name!r} ({_member_kind(m)}); "
+                f"{TOP}/ may hold only {', '.join(REQUIRED_FILES + OPTIONAL_FILES)}"
+            )
+        if name in files:
+            raise SubmissionError(f"{path}: member {m.name!r} appears more than once")
+        files[name] = m
+    for required in REQUIRED_FILES:
+        if f"{TOP}/{required}" not in files:
+            raise SubmissionError(f"{path}: no {TOP}/{required}")
+    return list(files.values())
+
+
+def _read_im_paths(path: Path, file: Path) -> list[str]:
+    try:
+        im_paths = torch.load(file, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same fault for the user
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} does not load with torch.load(weights_only=True): {e}") from None
+    if not isinstance(im_paths, list) or not all(isinstance(p, str) for p in im_paths):
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is not a list of str")
+    keys = []
+    seen: set[str] = set()
+    for p in im_paths:
+        if not p.endswith(".jpg"):
+            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} does not end in .jpg")
+        if not p.isascii():
+            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} is not ASCII")
+        if p in seen:
+            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {p!r} more than once")
+        seen.add(p)
+        keys.append(p[: -len(".jpg")])
+    if not keys:
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is empty")
+    return keys
+
+
+def _compare_keys(path: Path, keys: list[str], test_keys: Sequence[str]) -> None:
+    have, want = set(keys), set(test_keys)
+    if len(want) != len(test_keys):
+        raise SubmissionError("the test key list itself holds a key more than once")
+    for key in test_keys:
+        if key not in have:
+            raise SubmissionError(f"{path}: test key {key!r} is missing from {TOP}/{IM_PATH}")
+    for key in keys:
+        if key not in want:
+            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {key + '.jpg'!r}, which is not a test key")
+    for i, (got, expected) in enumerate(zip(keys, test_keys)):
+        if got != expected:
+            raise SubmissionError(
+                f"{path}: {TOP}/{IM_PATH} is out of test-list order at position {i}: "
+                f"{got + '.jpg'!r} where {expected + '.jpg'!r} belongs"
+            )
+
+
+def _decode_map(path: Path, name: str, value: bytes) -> np.ndarray:
+    if not value.startswith(PNG_MAGIC):
+        raise SubmissionError(f"{path}: LMDB entry {name!r} is not a PNG image")
+    image = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise SubmissionError(f"{path}: LMDB entry {name!r} does not decode as PNG")
+    if image.dtype != np.uint8:
+        raise SubmissionError(f"{path}: LMDB entry {name!r} has dtype {image.dtype}, expected uint8")
+    if image.shape[:2] != (TARGET_SIZE, TARGET_SIZE):
+        raise SubmissionError(
+            f"{path}: LMDB entry {name!r} is {image.shape[0]}x{image.shape[1]} (height x width), "
+            f"expected {TARGET_SIZE}x{TARGET_SIZE}"
+        )
+    if image.ndim == 3:
+        if image.shape[2] != 3:
+            raise SubmissionError(f"{path}: LMDB entry {name!r} has {image.shape[2]} channels, expected 1 or 3")
+        if not (np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2])):
+            raise SubmissionError(f"{path}: LMDB entry {name!r} has 3 channels that differ")
+        image = image[:, :, 0]
+    if image.max() > NUM_PARTS:
+        raise SubmissionError(f"{path}: LMDB entry {name!r} has label value {int(image.max())} (allowed 0..{NUM_PARTS})")
+    return np.ascontiguousarray(image)
+
+
+def _iter_submission(path: str | Path, test_keys: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Check a leaderboard file step by step and yield (key, labels (2, 128, 128)) in im_path order.
+
+    Faults are raised in this order: the gzip stream, the tar members, im_path.pt (and, when test_keys
+    is given, its keys against them), the LMDB entries, then each map.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SubmissionError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            raise SubmissionError(f"{path}: not a gzip file")
+    # Read the whole gzip stream once: this checks its CRC and length, which tarfile alone may not.
+    try:
+        with gzip.open(path, "rb") as gz:
+            while gz.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise SubmissionError(f"{path}: corrupt gzip stream ({e})") from None
+
+    with tempfile.TemporaryDirectory(prefix="amodal-submission-") as tmp:
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                members = tar.getmembers()
+                if not members:
+                    raise SubmissionError(f"{path}: empty tar archive")
+                # Names and types are checked before anything touches the disk; the 'data' filter
+                # is a second guard against paths outside tmp, links and device files.
+                files = _check_members(path, members)
+                tar.extractall(tmp, members=files, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise SubmissionError(f"{path}: not a readable tar.gz archive ({e})") from None
+        folder = Path(tmp) / TOP
+
+        keys = _read_im_paths(path, folder / IM_PATH)
+        if test_keys is not None:
+            _compare_keys(path, keys, test_keys)
+
+        try:
+            env = lmdb.open(
+                str(folder), subdir=True, readonly=True, lock=False, readahead=False, meminit=False, create=False
+            )
+        except lmdb.Error as e:
+            raise SubmissionError(f"{path}: {TOP} is not a readable LMDB environment ({e})") from None
+        try:
+            with env.begin(write=False) as txn:
+                wanted = {(key + suffix).encode("ascii") for key in keys for suffix in SUFFIXES}
+                try:
+                    for name in txn.cursor().iternext(keys=True, values=False):
+                        if bytes(name) not in wanted:
+                            raise SubmissionError(
+                                f"{path}: LMDB entry {bytes(name).decode('ascii', 'replace')!r} "
+                                f"belongs to no key of {TOP}/{IM_PATH}"
+                            )
+                    for key in keys:
+                        pair = []
+                        for suffix in SUFFIXES:
+                            value = txn.get((key + suffix).encode("ascii"))
+                            if value is None:
+                                raise SubmissionError(f"{path}: key {key!r} has no LMDB entry {key + suffix!r}")
+                            pair.append(_decode_map(path, key + suffix, bytes(value)))
+                        yield key, np.stack(pair)
+                except lmdb.Error as e:
+                    raise SubmissionError(f"{path}: {TOP} LMDB read failed ({e})") from None
+        finally:
+            env.close()
+
+
+def read_submission(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(keys without .jpg in im_path.pt order, labels uint8 (N, 2, 128, 128)) of a checked leaderboard
+    file; raises SubmissionError naming the first fault."""
+    keys, maps = [], []
+    for key, pair in _iter_submission(path):
+        keys.append(key)
+        maps.append(pair)
+    return keys, np.stack(maps)
+
+
+def check_submission(path: str | Path, test_keys: Sequence[str]) -> None:
+    """Raise SubmissionError naming the first fault of a leaderboard file against the test keys:
+    every key once, in test-list order, both hands, PNG 128x128 with values 0..16."""
+    test_keys = list(test_keys)
+    if not test_keys:
+        raise SubmissionError("no test keys to check against")
+    for _ in _iter_submission(path, test_keys):
+        pass

@@ -1,0 +1,116 @@
+"""Experiment tracking with the real wandb library, on rank 0 only.
+
+`tracking.wandb` picks the mode:
+- auto: online when the user configured a key (WANDB_API_KEY, or a netrc entry for the wandb host),
+  else offline (the run is written under <run>/wandb and can be uploaded later with `wandb sync`);
+  WANDB_MODE in the environment, when set, wins over this guess;
+- online, offline: as named; off: no wandb at all (not even imported).
+
+The run id is chosen here (or taken from the checkpoint of a resumed job) and passed with
+resume="allow", so a requeued job continues the same wandb run. The API key is never read into the
+config, a log line or a checkpoint: wandb reads it from the environment itself.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+MODES = ("auto", "online", "offline", "off")
+
+
+def has_api_key() -> bool:
+    """Whether wandb would find a key: WANDB_API_KEY, or a netrc entry for the wandb host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """online | offline | off, from the configured mode (see the module note)."""
+    if mode not in MODES:
+        raise ValueError(f"tracking.wandb: {mode!r} is not one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode in ("online", "offline"):
+        return env_mode
+    if env_mode in ("disabled", "off", "dryrun"):
+        return "off" if env_mode != "dryrun" else "offline"
+    return "online" if has_api_key() else "offline"
+
+
+def new_run_id() -> str:
+    """A wandb-style run id (8 characters of [a-z0-9]) from the OS's randomness, not from any seeded
+    generator, so that two runs with the same seed still get different ids."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+class Tracker:
+    """A thin wrapper: log(metrics, step) and finish(); does nothing when tracking is off."""
+
+    def __init__(self, run=None, mode: str = "off"):
+        self.run = run
+        self.mode = mode
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def start_tracking(cfg, run_dir: str | Path, run_id: str | None, is_main: bool = True) -> Tracker:
+    """Start (or continue, when run_id is given) the wandb run of this training run.
+
+    `cfg` is the whole amodal Config; its tracking table picks the mode and project, and its dict is
+    the wandb config. Only rank 0 tracks; other ranks get a Tracker that does nothing.
+    """
+    mode = resolve_mode(cfg.tracking.wandb)
+    if not is_main or mode == "off":
+        return Tracker(None, "off")
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id = run_id or new_run_id()
+    kwargs = dict(
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        project=cfg.tracking.project,
+        entity=cfg.tracking.entity or None,
+        name=cfg.name,
+        config=cfg.to_dict(),
+        # Console capture would wrap stdout (our progress bar and Slurm log); log.txt has the output.
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:
+        if cfg.tracking.wandb != "auto" or mode != "online":
+            raise RuntimeError(f"tracking.wandb={cfg.tracking.wandb}: wandb.init failed: {e}") from e
+        # A configured key but no network (a compute node without internet access): keep training and
+        # keep the record offline; `wandb sync <run>/wandb/offline-run-*` uploads it later.
+        print(f"wandb online start failed ({type(e).__name__}: {e}); tracking offline instead", file=sys.stderr)
+        mode = "offline"
+        run = wandb.init(mode=mode, **kwargs)
+    return Tracker(run, mode)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from amodal.fileio import fsync_path
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
@@ -68,14 +70,6 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _RecordingWriter:
     """A file wrapper that keeps the OS error of a failed write: torch.save turns it into an
     unreadable RuntimeError, and the user needs to read 'No space left on device'."""
@@ -112,7 +106,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except Exception as e:
         cause = writer.error if writer is not None and writer.error is not None else e
         try:
@@ -143,7 +137,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except OSError as e:
         try:
             tmp.unlink()

@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from amodal.config import Config, ConfigError, from_dict
+from amodal.fileio import write_text_atomic
 
 EXIT_INTERRUPTED = 75  # = amodal.train.EXIT_INTERRUPTED (not imported here: that pulls in torch)
 
@@ -48,19 +49,10 @@ def read_requeues(run_dir: str | Path) -> dict:
     return counts
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _count(run_dir: Path, kind: str) -> int:
     counts = read_requeues(run_dir)
     counts[kind] += 1
-    write_atomic(run_dir / "requeues.json", json.dumps(counts) + "\n")
+    write_text_atomic(run_dir / "requeues.json", json.dumps(counts) + "\n")
     return counts[kind]
 
 
@@ -190,7 +182,7 @@ class ExportJob(Job):
         model, trained, ckpt_path = load_model_from_checkpoint(source, device)
         dataset = ShardDataset(trained["data"]["root"], cfg.export.split, input_size=trained["data"]["input_size"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.json", cfg.dumps() + "\n")  # read by amodal.status
+        write_text_atomic(run_dir / "config.json", cfg.dumps() + "\n")  # read by amodal.status
         predictions = predict_to_file(model, dataset, run_dir / "predictions.h5", cfg.export.batch_size,
                                       cfg.export.tta_flip, device, checkpoint=ckpt_path)
         keys = dataset.keys()

@@ -23,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from amodal.config import Config, ConfigError, load_config, sweep_points
-from amodal.jobs import job_config, make_job, write_atomic
+from amodal.fileio import write_text_atomic
+from amodal.jobs import job_config, make_job
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RECIPE = CODE_ROOT / "jobs" / "train.toml"
@@ -134,7 +135,7 @@ def announce(job, cfg: Config, cluster: str) -> None:
     """job.json in the run folder (read by amodal.status) and the lines that say how to follow the job."""
     run_dir = Path(cfg.run_dir)
     record = {"job_id": job.job_id, "cluster": cluster, "log": str(job.paths.stdout), "submitted": time.time()}
-    write_atomic(run_dir / "job.json", json.dumps(record) + "\n")
+    write_text_atomic(run_dir / "job.json", json.dumps(record) + "\n")
     where = "to Slurm" if cluster == "slurm" else "on this machine (local executor)"
     print(f"submitted {cfg.job} job {job.job_id} {where}\n  run folder: {run_dir}\n"
           f"  follow it:  python -m amodal.status {run_dir}\n  log:        {job.paths.stdout}", flush=True)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from amodal.fileio import commit
 from amodal.labels import NUM_CLASSES, TARGET_SIZE, swap_logits
 
 LABELS_SHAPE = (2, TARGET_SIZE, TARGET_SIZE)
@@ -135,19 +136,6 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    _fsync_file(tmp)
-    os.replace(tmp, final)
-    _fsync_file(final.parent)
-
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -193,7 +181,7 @@ def _predict_part(model, dataset, path: Path, batch_size, tta_flip, device, rank
             if len(keys) != labels.shape[0]:
                 raise PredictError(f"{path}: the loader gave {len(keys)} keys for {labels.shape[0]} images")
             _finish(f, keys, attrs)
-        _commit(tmp, path)
+        commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return keys
@@ -225,7 +213,7 @@ def _join_parts(parts: list[Path], out_path: Path, expected_keys: list[str], att
             if keys != expected_keys:
                 raise PredictError(f"{out_path}: the ranks' parts do not add up to the dataset's keys in order")
             _finish(f, keys, attrs)
-        _commit(tmp, out_path)
+        commit(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
 

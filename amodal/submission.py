@@ -34,6 +34,7 @@ import lmdb
 import numpy as np
 import torch
 
+from amodal.fileio import fsync_path
 from amodal.labels import NUM_PARTS, TARGET_SIZE
 
 TOP = "test.lmdb"
@@ -127,14 +128,6 @@ def encode_map(label_map: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
     # Fixed owner and time so the archive depends only on its contents.
     info = tarfile.TarInfo(name)
@@ -214,7 +207,7 @@ def write_submission(predictions_h5: str | Path, out_path: str | Path, test_keys
                 raise SubmissionError(str(e).replace(str(tmp_tar), f"{out_path} (not written)")) from None
 
             os.replace(tmp_tar, out_path)
-            _fsync_dir(out_dir)
+            fsync_path(out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             tmp_tar.unlink(missing_ok=True)

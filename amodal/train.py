@@ -44,6 +44,7 @@ from torch import nn
 from amodal import checkpoint as ckpt
 from amodal.config import Config, ConfigError, load_config
 from amodal.distributed import DistInfo, barrier, cleanup, init_distributed
+from amodal.fileio import write_text_atomic
 from amodal.labels import swap_logits
 
 EXIT_INTERRUPTED = 75  # the job layer requeues on this status (amodal/jobs.py)
@@ -278,15 +279,6 @@ class RunLog:
             self._metrics.close()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -415,7 +407,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
 
         tracker = start_tracking(cfg, run_dir, wandb_id, rank0)
         if rank0:
-            _write_text_atomic(run_dir / "config.json", cfg.dumps() + "\n")
+            write_text_atomic(run_dir / "config.json", cfg.dumps() + "\n")
 
         loader = build_train_loader(train_ds, t.global_batch, rank, world, t.seed, cfg.data.num_workers,
                                     start_step=step, pin_memory=cuda)

@@ -124,7 +124,6 @@ def test_workers_open_hdf5_lazily_and_match_the_in_process_loader(train_set):
 def test_workers_survive_the_signals_slurm_sends_to_every_process(train_set):
     """Slurm sends USR2/SIGTERM to every process of a job step; the loop saves after that, so the
     workers (and the fork server they come from) must keep serving batches."""
-    import multiprocessing
     import os
     import signal
     import time

@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from amodal.data import augment
+from amodal.fileio import commit
 from amodal.labels import HANDS, NUM_CLASSES, NUM_PARTS, TARGET_SIZE
 
 FORMAT_NAME = "amodal-shards"
@@ -220,28 +221,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync the temporary file, rename it over the final name, fsync the folder."""
-    _fsync_path(tmp)
-    os.replace(tmp, final)
-    _fsync_path(final.parent)
-
-
 def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + _TMP_SUFFIX)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-    _commit(tmp, path)
+    commit(tmp, path)
 
 
 def shard_name(split: str, i: int) -> str:
@@ -292,7 +278,7 @@ def write_shard(path: Path, records: Iterable[dict], count: int, spec: dict, opt
         f.attrs["spec"] = json.dumps(spec, sort_keys=True)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    _commit(tmp, path)
+    commit(tmp, path)
     return {"file": path.name, "first": spec["first"], "count": count, "sha256": digest, "bytes": size,
             "spec": _spec_hash(spec)}
 

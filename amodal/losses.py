@@ -44,15 +44,20 @@ def _one_hot(target: torch.Tensor) -> torch.Tensor:
     return (target.unsqueeze(1) == classes).float()
 
 
+def _soft_counts(logits: torch.Tensor, target: torch.Tensor):
+    """Per class, summed over the batch: soft intersection, soft prediction mass, ground-truth pixels."""
+    p = logits.softmax(dim=1)
+    g = _one_hot(target)
+    dims = (0, 2, 3)
+    return (p * g).sum(dims), p.sum(dims), g.sum(dims)
+
+
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """One hand: logits (N, 17, H, W) float32, target (N, H, W) int64 -> scalar (see module doc)."""
-    p = logits.softmax(dim=1)
-    g = _one_hot(target)
-    dims = (0, 2, 3)
-    inter = (p * g).sum(dims)
-    dice = (2 * inter + SMOOTH) / (p.sum(dims) + g.sum(dims) + SMOOTH)
+    inter, p_sum, g_sum = _soft_counts(logits, target)
+    dice = (2 * inter + SMOOTH) / (p_sum + g_sum + SMOOTH)
     return _class_mean(1 - dice, weight)
 
 
@@ -60,11 +65,8 @@ def soft_jaccard_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """One hand: 1 - smoothed soft IoU per class, class-(weighted) mean."""
-    p = logits.softmax(dim=1)
-    g = _one_hot(target)
-    dims = (0, 2, 3)
-    inter = (p * g).sum(dims)
-    union = p.sum(dims) + g.sum(dims) - inter
+    inter, p_sum, g_sum = _soft_counts(logits, target)
+    union = p_sum + g_sum - inter
     iou = (inter + SMOOTH) / (union + SMOOTH)
     return _class_mean(1 - iou, weight)
 

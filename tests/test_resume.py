@@ -7,6 +7,7 @@ Runs that do not depend on each other run at the same time (the machine has two 
 
 import shutil
 import signal
+import threading
 
 import pytest
 import torch
@@ -47,8 +48,11 @@ def one_process(synthetic_shards, tmp_path_factory):
     wandb_env = {"WANDB_API_KEY": DUMMY_KEY}
     cut = Launch(base / "cut", synthetic_shards, COMMON + ["tracking.wandb=offline"], env=wandb_env)
     killed = Launch(base / "killed", synthetic_shards, COMMON)
+    # Both watches run at once: watching one run after the other let the second run finish first.
+    killer = threading.Thread(target=killed.signal_at_step, args=(KILL_AT, signal.SIGKILL))  # no warning:
+    killer.start()  # the last periodic checkpoint before the kill is step 4
     cut.signal_at_step(SIGNAL_AT, signal.SIGUSR2)
-    killed.signal_at_step(KILL_AT, signal.SIGKILL)  # no warning: the last periodic checkpoint is step 4
+    killer.join()
     full_codes, full_outs = full.wait()
     assert full_codes == [0], full_outs[0]
     codes, outs = cut.wait()

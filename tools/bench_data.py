@@ -45,21 +45,10 @@ FRAME_W, FRAME_H = 512, 334  # InterHand2.6M's frame size in the course data
 
 def interhand_like_frames(n: int, seed: int = 0) -> list[RawSample]:
     """Synthetic hands (256² scenes) pasted at random places into 512×334 frames."""
-    from amodal.data.synthetic import generate
-
     rng = np.random.default_rng([seed, 12345])
-    out = []
-    for i in range(n):
-        d = generate(seed, i, 256)
-        frame = cv2.resize(d["image"], (FRAME_W, FRAME_H), interpolation=cv2.INTER_LINEAR)
-        labels = np.zeros((2, FRAME_H, FRAME_W), np.uint8)
-        x0, y0 = int(rng.integers(0, FRAME_W - 256)), int(rng.integers(0, FRAME_H - 256))
-        frame[y0:y0 + 256, x0:x0 + 256] = d["image"]
-        labels[:, y0:y0 + 256, x0:x0 + 256] = d["labels"]
-        bbox = d["bbox"] + np.array([x0, y0, 0, 0], np.float32)
-        key = f"train/Capture{i % 4}/0000_bench/cam{400000 + i % 7}/image{i:05d}"
-        out.append(RawSample(key=key, image=frame, bbox=bbox, labels=labels, hand_type=d["hand_type"]))
-    return out
+    return [shards.synthetic_in_frame(seed, i, 256, (FRAME_W, FRAME_H), rng,
+                                      f"train/Capture{i % 4}/0000_bench/cam{400000 + i % 7}/image{i:05d}")
+            for i in range(n)]
 
 
 class CoursePath:

@@ -617,6 +617,24 @@ def verify_shards(root) -> list[str]:
 SYNTHETIC_OFFSETS = {"train": 0, "val": 800_000, "test": 900_000}  # generator index of a split's first sample
 
 
+def synthetic_in_frame(seed: int, index: int, scene: int, frame: tuple[int, int], rng: np.random.Generator,
+                       key: str) -> RawSample:
+    """A synthetic scene (scene² pixels) pasted at a random place into a larger frame (w, h), whose
+    background is the scene stretched: a full-frame sample like the course's, for importer fixtures
+    and the course-path benchmark."""
+    from amodal.data import synthetic
+
+    d = synthetic.generate(seed, index, scene)
+    w, h = frame
+    image = cv2.resize(d["image"], (w, h), interpolation=cv2.INTER_LINEAR)
+    labels = np.zeros((2, h, w), np.uint8)
+    x0, y0 = int(rng.integers(0, w - scene)), int(rng.integers(0, h - scene))
+    image[y0:y0 + scene, x0:x0 + scene] = d["image"]
+    labels[:, y0:y0 + scene, x0:x0 + scene] = d["labels"]
+    bbox = d["bbox"] + np.array([x0, y0, 0, 0], np.float32)
+    return RawSample(key=key, image=image, bbox=bbox, labels=labels, hand_type=d["hand_type"])
+
+
 class SyntheticSource:
     """Samples of amodal.data.synthetic: split `split` holds generator indices offset + 0 .. count - 1,
     so validation and test samples do not change when the training set grows."""

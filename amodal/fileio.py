@@ -24,11 +24,16 @@ def commit(tmp: str | Path, final: str | Path) -> None:
     fsync_path(Path(final).parent)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_atomic(path: str | Path, write) -> None:
+    """write(tmp_path) fills a temporary file next to path, which then replaces path whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))

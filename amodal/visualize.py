@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import torch
 
+from amodal.fileio import write_atomic
 from amodal.labels import FRONT_LEFT, FRONT_RIGHT, HANDS, PALETTE, PART_NAMES
 
 TILE = 256  # side of one picture tile in pixels (label maps are 128x128, so each pixel is 2x2)
@@ -156,9 +157,7 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     ok, data = cv2.imencode(".png", img)
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.tobytes())
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data.tobytes()))
 
 
 def write_panels(checkpoint: str | Path, shards: str | Path, split: str, out_dir: str | Path, count: int = 8,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from amodal.config import Config, ConfigError, from_dict  # noqa: E402
+from amodal.fileio import write_atomic  # noqa: E402
 from amodal.labels import FINGERS, HANDS, NUM_PARTS, PART_NAMES  # noqa: E402
 
 CONFIG_FILE = "config.json"
@@ -283,18 +283,6 @@ def markdown(rows: list[dict], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename onto path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _pyplot():
     import matplotlib
 
@@ -333,7 +321,7 @@ def miou_chart(rows: list[dict], path: Path, baseline_row: dict | None) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -357,7 +345,7 @@ def parts_chart(rows: list[dict], path: Path) -> None:
     ax.set_title("Per-part IoU at the best validation (mean of the two hands; 1/2/3 = proximal/middle/distal)")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -377,8 +365,8 @@ def report(paths: list[Path], out_dir: Path, baseline: str | None = None) -> lis
     rows = sort_rows([row_of(r, base) for r in runs])
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, base.name if base else None)
-    _atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(text))
-    _atomic_write(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
+    write_atomic(out_dir / "results.md", lambda tmp: tmp.write_text(text))
+    write_atomic(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1) + "\n"))
     base_row = next((r for r in rows if base is not None and r["run"] == base.name), None)
     miou_chart(rows, out_dir / "miou.png", base_row)
     parts_chart(rows, out_dir / "parts.png")

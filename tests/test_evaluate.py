@@ -1,0 +1,68 @@
+"""tools/evaluate.py: a checkpoint's leaderboard mIoU on a split, with and without flip TTA."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amodal.checkpoint import save_checkpoint
+from amodal.config import Config, ModelConfig
+from amodal.data.dataset import ShardDataset
+from amodal.metrics import leaderboard_miou
+from amodal.models import build_model
+from amodal.predict import predict_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, synthetic_shards):
+    """A run folder whose best.pt is a tiny U-Net in the trainer's format, trained on synthetic_shards."""
+    run = tmp_path_factory.mktemp("eval-run")
+    cfg = Config(model=ModelConfig(name="unet", base_channels=4))
+    cfg.data.root, cfg.data.input_size = str(synthetic_shards), 64
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "ema": None,
+             "step": 7, "epoch": 0, "samples_seen": 56, "global_batch": 8, "fingerprint": "test",
+             "config": cfg.to_dict(), "wandb_run_id": None, "best_miou": 0.0}
+    save_checkpoint(state, run, keep_last=1, is_best=True)
+    return run, model.eval()
+
+
+def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):
+    run, model = run_dir
+    rows = load_tool().score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
+    assert [r["tta_flip"] for r in rows] == [False, True]
+
+    # Independently: predict every val sample at once, then the leaderboard rule on all of them.
+    dataset = ShardDataset(synthetic_shards, "val", input_size=64)
+    images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    targets = torch.stack([dataset[i]["target"] for i in range(len(dataset))])
+    with torch.inference_mode():
+        expected = [leaderboard_miou(predict_batch(model, images, flip), targets) for flip in (False, True)]
+    assert expected[0] > 0 and expected[0] != expected[1]  # a real score, which TTA changes
+    assert [r["miou"] for r in rows] == pytest.approx(expected, abs=1e-12)
+    assert rows[0]["count"] == rows[1]["count"] > 0
+
+
+def test_cli_prints_both_settings_and_names_a_missing_checkpoint(run_dir, tmp_path):
+    run, _ = run_dir
+    tool = [sys.executable, str(REPO / "tools" / "evaluate.py")]
+    ok = subprocess.run(tool + [str(run), "--tta-flip", "on"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "flip TTA on" in ok.stdout and "flip TTA off" not in ok.stdout
+
+    missing = tmp_path / "no-such-run"
+    bad = subprocess.run(tool + [str(missing)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and str(missing) in bad.stderr

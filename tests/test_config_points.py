@@ -93,6 +93,10 @@ def test_study_recipes_parse(recipe):
     assert all(p.model.name in MODEL_NAMES for p in points)
     assert {p.loss.name for p in points} >= {"ce", "dice", "dice_ce", "focal", "jaccard"}
     assert any(p.train.ema > 0 for p in points) and any(p.train.tta_flip for p in points)
-    # same budget and seed for every element, so the comparison is fair
-    assert len({(p.train.steps, p.train.global_batch, p.train.seed, p.data.input_size) for p in points}) == 1
+    # same budget and seed for every element, so the comparison is fair; only the reference runs again
+    # with another seed, to show the spread that a difference must clear
+    assert len({(p.train.steps, p.train.global_batch, p.data.input_size) for p in points}) == 1
+    reruns = [p for p in points if p.name.endswith("-reference-seed1")]
+    assert len(reruns) == 1 and reruns[0].train.seed == 1
+    assert {p.train.seed for p in points if p not in reruns} == {0}
     assert not any(p.model.pretrained for p in points)  # only where the user has a file: not by default

@@ -134,7 +134,7 @@ class ExportConfig:
     checkpoint: str = ""  # a checkpoint file, or a run folder (its best, else newest, checkpoint)
     split: str = "test"
     batch_size: int = 64
-    tta_flip: bool = True
+    tta_flip: bool = False  # flip TTA measured no gain in the CPU study (README, Results); twice the cost
     submission: str = "test.lmdb.tar.gz"  # written in the run folder
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from amodal.checkpoint import save_checkpoint
+from amodal.config import Config, ModelConfig
 from amodal.data.shards import RawSample, pack_synthetic, synthetic_in_frame
+from amodal.models import build_model
 
 # The shared dataset: small and fast to pack; two train shards so loaders cross a shard boundary.
 SYNTHETIC_COUNTS = {"train": 64, "val": 16, "test": 16}
@@ -31,3 +35,19 @@ def framed_samples(n: int, prefix: str = "train", seed: int = 0, frame=(200, 160
     return [synthetic_in_frame(seed, 10_000 + i, 128, frame, rng,
                                f"{prefix}/Capture{i % 2}/0001_pose/cam40{i % 3}/image{i:04d}")
             for i in range(n)]
+
+
+def tiny_unet_run(run, data_root: str | None = None) -> torch.nn.Module:
+    """Make `run` a run folder whose best.pt is a 4-channel U-Net (seed 0, input 64) in the trainer's
+    checkpoint format; returns the model in eval mode."""
+    cfg = Config(model=ModelConfig(name="unet", base_channels=4))
+    cfg.data.input_size = 64
+    if data_root is not None:
+        cfg.data.root = data_root
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "ema": None,
+             "step": 7, "epoch": 0, "samples_seen": 56, "global_batch": 8, "fingerprint": "test",
+             "config": cfg.to_dict(), "wandb_run_id": None, "best_miou": 0.0}
+    save_checkpoint(state, run, keep_last=1, is_best=True)
+    return model.eval()

@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from amodal.checkpoint import save_checkpoint
-from amodal.config import Config, ModelConfig
 from amodal.data.dataset import ShardDataset
 from amodal.metrics import leaderboard_miou
-from amodal.models import build_model
 from amodal.predict import predict_batch
+from conftest import tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,15 +27,7 @@ def load_tool():
 def run_dir(tmp_path_factory, synthetic_shards):
     """A run folder whose best.pt is a tiny U-Net in the trainer's format, trained on synthetic_shards."""
     run = tmp_path_factory.mktemp("eval-run")
-    cfg = Config(model=ModelConfig(name="unet", base_channels=4))
-    cfg.data.root, cfg.data.input_size = str(synthetic_shards), 64
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "ema": None,
-             "step": 7, "epoch": 0, "samples_seen": 56, "global_batch": 8, "fingerprint": "test",
-             "config": cfg.to_dict(), "wandb_run_id": None, "best_miou": 0.0}
-    save_checkpoint(state, run, keep_last=1, is_best=True)
-    return run, model.eval()
+    return run, tiny_unet_run(run, str(synthetic_shards))
 
 
 def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):

@@ -8,14 +8,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from amodal.checkpoint import save_checkpoint
-from amodal.config import Config, ModelConfig
 from amodal.data.dataset import ShardDataset
 from amodal.labels import FRONT_LEFT, FRONT_RIGHT, PALETTE
-from amodal.models import build_model
 from amodal.visualize import GAP, TILE, TITLE_H, draw_panel, hidden_regions, panel_size, write_panels
+from conftest import tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
 WHITE = (255, 255, 255)
@@ -40,14 +37,7 @@ def shards(synthetic_shards):
 def run_dir(tmp_path_factory):
     """A run folder whose best.pt is a tiny U-Net in the trainer's checkpoint format."""
     run = tmp_path_factory.mktemp("vis-run")
-    cfg = Config(model=ModelConfig(name="unet", base_channels=4))
-    cfg.data.input_size = 64
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    state = {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "ema": None,
-             "step": 7, "epoch": 0, "samples_seen": 56, "global_batch": 8, "fingerprint": "test",
-             "config": cfg.to_dict(), "wandb_run_id": None, "best_miou": 0.0}
-    save_checkpoint(state, run, keep_last=1, is_best=True)
+    tiny_unet_run(run)
     return run
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,8 @@ from amodal.checkpoint import save_checkpoint
 from amodal.config import Config, ModelConfig
 from amodal.data.shards import RawSample, pack_synthetic, synthetic_in_frame
 from amodal.models import build_model
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 # The shared dataset: small and fast to pack; two train shards so loaders cross a shard boundary.
 SYNTHETIC_COUNTS = {"train": 64, "val": 16, "test": 16}
@@ -51,3 +57,12 @@ def tiny_unet_run(run, data_root: str | None = None) -> torch.nn.Module:
              "config": cfg.to_dict(), "wandb_run_id": None, "best_miou": 0.0}
     save_checkpoint(state, run, keep_last=1, is_best=True)
     return model.eval()
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, to call its functions in the test's own process."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """tools/evaluate.py: a checkpoint's leaderboard mIoU on a split, with and without flip TTA."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +10,9 @@ import torch
 from amodal.data.dataset import ShardDataset
 from amodal.metrics import leaderboard_miou
 from amodal.predict import predict_batch
-from conftest import tiny_unet_run
+from conftest import load_tool, tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +24,7 @@ def run_dir(tmp_path_factory, synthetic_shards):
 
 def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):
     run, model = run_dir
-    rows = load_tool().score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
+    rows = load_tool("evaluate").score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
     assert [r["tta_flip"] for r in rows] == [False, True]
 
     # Independently: predict every val sample at once, then the leaderboard rule on all of them.

@@ -13,6 +13,7 @@ from amodal.config import ModelConfig
 from amodal.labels import NUM_CLASSES, NUM_OUTPUTS
 from amodal.models import MODEL_NAMES, ResNetUNet, build_model
 from amodal.models.blocks import AttentionGate
+from conftest import load_tool
 
 # Small versions of every model so the whole file stays fast on two shared cores.
 SMALL = {
@@ -254,19 +255,8 @@ def test_bf16_autocast_forward_backward(kw):
     assert model.heads[0].weight.grad.abs().sum() > 0
 
 
-def _tool(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_model_table_counts_macs():
-    count = _tool("model_table").count
+    count = load_tool("model_table").count
     conv = torch.nn.Conv2d(3, 34, 3, padding=1, bias=False)
     params, gmacs = count(conv, 32)
     assert params == pytest.approx(34 * 3 * 9 / 1e6)
@@ -274,7 +264,7 @@ def test_model_table_counts_macs():
 
 
 def test_bench_model_runs(capsys):
-    _tool("bench_model").main(["--device", "cpu", "--batch", "2", "--size", "64", "--steps", "1", "--rounds", "2", "--threads", "1"])
+    load_tool("bench_model").main(["--device", "cpu", "--batch", "2", "--size", "64", "--steps", "1", "--rounds", "2", "--threads", "1"])
     out = capsys.readouterr().out
     assert "resnet_unet" in out and "smp.Unet" in out
     assert "ratio ours / smp (images/s):" in out

@@ -2,7 +2,6 @@
 leaderboard file."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import h5py
@@ -20,8 +19,8 @@ from amodal.labels import NUM_CLASSES
 from amodal.models import build_model
 from amodal.predict import PredictError, load_model_from_checkpoint, predict_to_file
 from amodal.submission import check_submission, read_predictions, read_submission, write_submission
+from conftest import load_tool
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(name="unet", base_channels=4)
 
 
@@ -138,10 +137,7 @@ def test_round_trip_to_leaderboard_file_and_cli_check(tmp_path, shards, test_set
     assert keys == test_set.keys()
     np.testing.assert_array_equal(labels, read_predictions(predictions)[1])
 
-    spec = importlib.util.spec_from_file_location("make_submission", REPO / "tools" / "make_submission.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    main = tool.main
+    main = load_tool("make_submission").main
     assert main(["--check", str(out), "--test-shards", str(shards)]) == 0
     assert f"OK {out}: 16 test images, 32 label maps" in capsys.readouterr().out
     assert main(["--check", str(out), "--test-shards", str(shards), "--split", "val"]) == 1

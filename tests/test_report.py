@@ -1,6 +1,5 @@
 """tools/report.py on run folders written here in the trainer's format (config.json + metrics.jsonl)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,12 @@ import cv2
 import pytest
 
 from amodal.config import Config
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("report_tool", REPO / "tools" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-report = load_tool()
+report = load_tool("report")
 
 
 # Records as amodal/train.py writes them (its log.event calls), time stamps included.

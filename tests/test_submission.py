@@ -1,7 +1,6 @@
 """The leaderboard file: exact layout, round trip, every fault named, atomic writes, the CLI."""
 
 import gzip
-import importlib.util
 import io
 import os
 import re
@@ -25,6 +24,7 @@ from amodal.submission import (
     read_submission,
     write_submission,
 )
+from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [
@@ -360,13 +360,6 @@ def run_tool(*args, cwd):
     )
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_submission", REPO / "tools" / "make_submission.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_write(tmp_path, predictions):
     out = tmp_path / "out" / "test.lmdb.tar.gz"
     out.parent.mkdir()
@@ -377,7 +370,7 @@ def test_cli_write(tmp_path, predictions):
 
 
 def test_cli_usage_errors(tmp_path, predictions, capsys):
-    main = load_tool().main
+    main = load_tool("make_submission").main
     for args, message in [
         ([], "give PREDICTIONS"),
         (["--check", "x.tar.gz"], "--check needs --test-shards"),

@@ -1,6 +1,5 @@
 """Prediction panels: tools/visualize.py on a tiny checkpoint and a tiny shard set, and the drawing itself."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from amodal.data.dataset import ShardDataset
 from amodal.labels import FRONT_LEFT, FRONT_RIGHT, PALETTE
 from amodal.visualize import GAP, TILE, TITLE_H, draw_panel, hidden_regions, panel_size, write_panels
-from conftest import tiny_unet_run
+from conftest import load_tool, tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
 WHITE = (255, 255, 255)
@@ -108,16 +107,8 @@ def test_draw_panel_outline_and_no_ground_truth():
     assert not np.all(tile_at(bare, 1, 1) == WHITE, axis=-1).any()
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_tool", REPO / "tools" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_input_is_a_clear_error(shards, run_dir, tmp_path, capsys):
-    tool = load_tool()  # in this process: the CLI test above already covers the subprocess path
+    tool = load_tool("visualize")  # in this process: the CLI test above already covers the subprocess path
     assert tool.main([str(tmp_path / "nothing"), "--shards", str(shards), "-o", str(tmp_path / "out")]) == 2
     assert "nothing: no such checkpoint file or run folder" in capsys.readouterr().err
     assert tool.main([str(run_dir), "--shards", str(tmp_path), "-o", str(tmp_path / "out")]) == 2

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,29 @@ def load_tool(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# ---- Slurm tests (test_cluster.py, test_slurm_jobs.py): commands and waiting on the real cluster
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60) -> str:
+    """Run a command; its stdout. With check, a failure is an AssertionError carrying its message."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def wait_until(what: str, pred, timeout: float, every: float = 0.5, log: Path | None = None):
+    """Poll pred until it returns something true, and return that. On timeout an AssertionError shows
+    squeue and the tail of log (a job's output), which is what one needs to see why."""
+    end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > end:
+            queue = sh("squeue", "-o", "%i %P %T %r %N", check=False)
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; squeue:\n{queue}\n{tail}")
+        time.sleep(every)

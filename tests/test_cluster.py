@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import sh, wait_until
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 START_HINT = f"start the cluster first: `bash {SCRIPT.relative_to(REPO)} up` (as root)"
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 60) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-    return r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -55,46 +50,34 @@ def job_info(job: str) -> dict[str, str]:
     return dict(tok.split("=", 1) for tok in r.stdout.split() if "=" in tok)
 
 
-def wait_until(what: str, pred, timeout: float, every: float = 0.5):
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            queue = run("squeue", "-o", "%i %P %T %r %N", check=False)
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; squeue:\n{queue}")
-        time.sleep(every)
-
-
 def wait_state(job: str, states: set[str], timeout: float) -> dict[str, str]:
     return wait_until(f"job {job} in {sorted(states)}", lambda: (i := job_info(job)).get("JobState") in states and i, timeout)
 
 
 def sacct_state(job: str) -> str:
     """'STATE|EXITCODE' of the job's latest run according to the accounting database."""
-    out = run("sacct", "-n", "-X", "-P", "-j", job, "-o", "State,ExitCode", check=False)
+    out = sh("sacct", "-n", "-X", "-P", "-j", job, "-o", "State,ExitCode", check=False)
     return out.strip().splitlines()[-1] if out.strip() else ""
 
 
 def grace_time(partition: str) -> int:
-    out = run("scontrol", "-o", "show", "partition", partition)
+    out = sh("scontrol", "-o", "show", "partition", partition)
     return int(re.search(r"GraceTime=(\d+)", out).group(1))
 
 
 def set_grace(seconds: int) -> None:
-    run("bash", str(SCRIPT), "set-grace", str(seconds))
+    sh("bash", str(SCRIPT), "set-grace", str(seconds))
     assert grace_time("cpu") == seconds and grace_time("gpu") == seconds
 
 
 def cred_expire() -> int:
-    m = re.search(r"cred_expire=(\d+)", run("scontrol", "show", "config"))
+    m = re.search(r"cred_expire=(\d+)", sh("scontrol", "show", "config"))
     return int(m.group(1)) if m else 120  # Slurm's default
 
 
 @pytest.mark.timeout(60)
 def test_status_says_up(cluster):
-    out = run("bash", str(SCRIPT), "status")
+    out = sh("bash", str(SCRIPT), "status")
     assert "is up" in out and "sacct answers" in out, out
 
 
@@ -178,12 +161,12 @@ def test_preemption_signals_and_requeues(cluster, tmp_path, grace):
         hold = time.mktime(time.strptime(info["EligibleTime"], fmt)) - time.mktime(time.strptime(info["SubmitTime"], fmt))
         assert cred_expire() <= hold <= cred_expire() + 5, f"requeued job held {hold:.0f} s, cred_expire={cred_expire()}"
         wait_until(f"high job {high} to finish", lambda: sacct_state(high) == "COMPLETED|0:0", 60)
-        out = run("sacct", "-n", "-D", "-X", "-P", "-j", low, "-o", "State")
+        out = sh("sacct", "-n", "-D", "-X", "-P", "-j", low, "-o", "State")
         assert "PREEMPTED" in out.split(), f"sacct -D for job {low}: {out!r}"
     finally:
         for job in (low, high):
             if job:
-                run("scancel", job, check=False)
+                sh("scancel", job, check=False)
         set_grace(old_grace)
 
 

@@ -26,6 +26,7 @@ import torch
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
 from amodal.jobs import read_requeues
+from conftest import sh, wait_until
 
 pytestmark = pytest.mark.slurm
 
@@ -39,13 +40,6 @@ WALL_WORK_S = 65  # seconds of training at full speed for the wall-time job: mor
 PREEMPT_STEPS = 100
 SMALL_STEPS = 30
 RESOURCES = ["--gpus-per-node", "0", "--cpus-per-task", "1"]
-
-
-def sh(*cmd: str, check: bool = True, timeout: float = 60) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-    return r.stdout
 
 
 def tiny(shards: Path, steps: int) -> list[str]:
@@ -89,19 +83,6 @@ class Lab:
         proc = self.references[steps]
         assert proc.wait(timeout=600) == 0, (self.root / f"reference-{steps}.log").read_text()[-3000:]
         return final_weights(self.root / f"reference-{steps}", steps)
-
-
-def wait_until(what: str, pred, timeout: float, every: float = 1.0, log: Path | None = None):
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            queue = sh("squeue", "-o", "%i %P %T %r %N", check=False)
-            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; squeue:\n{queue}\n{tail}")
-        time.sleep(every)
 
 
 def final_state(job: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Checkpoints on disk (DESIGN.md §3): atomic files, retention, and finding the newest one that loads.
+"""Checkpoints on disk (docs/design.md §3): atomic files, retention, and finding the newest one that loads.
 
 Layout: `<run>/checkpoints/step-00001234.pt`, one file per save, plus `best.pt` (a hard link to the
 step file with the best validation score, or a copy where links are not possible).
@@ -27,7 +27,7 @@ BEST_NAME = "best.pt"
 _STEP_FILE = re.compile(r"^step-(\d{8,})\.pt$")
 _TMP_MARK = ".tmp-"  # temporary files: .<final name>.tmp-<pid>
 
-# What every checkpoint dict holds (DESIGN.md §3). The trainer adds a few more (see train.py).
+# What every checkpoint dict holds (docs/design.md §3). The trainer adds a few more (see train.py).
 REQUIRED_KEYS = (
     "model",
     "optimizer",

@@ -4,7 +4,7 @@ As in DINO's run_with_submitit.py, the job object is what submitit pickles; a re
 the same object again under the same job id, and it resumes from its run folder. Unlike DINO, a
 training job does not checkpoint inside a signal handler: for the whole job USR2 and SIGTERM only set
 a flag (amodal.train's handlers replace submitit's), the loop stops at a step boundary with every rank
-agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (DESIGN.md §3):
+agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (docs/design.md §3):
 
 - Slurm is preempting the job: `scontrol show job` has a PreemptTime while a grace time runs, and
   once Slurm has requeued the job its Restarts count is past this run's SLURM_RESTART_COUNT.

@@ -1,4 +1,4 @@
-"""The label space of the task (DESIGN.md §1): 16 parts per hand, two hands, [left | right]."""
+"""The label space of the task (docs/design.md §1): 16 parts per hand, two hands, [left | right]."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Training losses on the two 17-way heads (DESIGN.md §1; issue 3).
+"""Training losses on the two 17-way heads (docs/design.md §1; issue 3).
 
 Every loss is computed per hand on that hand's 17 logits ([left 17 | right 17], labels.split_logits)
 against that hand's target map, and the two hand losses are summed.

@@ -1,4 +1,4 @@
-"""The leaderboard mIoU (DESIGN.md §1), per-part IoU and the occluded-region mIoU; batched and streaming.
+"""The leaderboard mIoU (docs/design.md §1), per-part IoU and the occluded-region mIoU; batched and streaming.
 
 The leaderboard rule, per image and per hand, for each class c in 1..16 (background never counts):
   G = ground-truth pixels of c, P = predicted pixels of c;

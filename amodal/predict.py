@@ -9,7 +9,7 @@ The predictions file (HDF5), which amodal.submission turns into the leaderboard 
 Flip test-time augmentation averages the logits of the image and of its mirror image (per hand, the
 argmax of mean logits is that of the mean log-probabilities); the mirror's output is flipped back and
 its two hands swapped (a mirrored left hand looks like a right hand), which is the rule the training
-augmentation uses for labels (DESIGN.md §1). `predict_batch` is the one place that rule lives.
+augmentation uses for labels (docs/design.md §1). `predict_batch` is the one place that rule lives.
 
 With world_size > 1 (an initialized torch.distributed group) each rank predicts its contiguous range
 of samples (build_eval_loader) into a part file next to the output, then rank 0 joins the parts in rank

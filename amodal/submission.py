@@ -1,4 +1,4 @@
-"""The leaderboard file (DESIGN.md §1): writer, reader and validator.
+"""The leaderboard file (docs/design.md §1): writer, reader and validator.
 
 Format, exactly as the course's skeleton produced it:
 

@@ -7,7 +7,7 @@ submitit) and resumes when the run folder already holds a checkpoint. The run fo
 config.json (the resolved config), log.txt, metrics.jsonl (one JSON object per event),
 checkpoints/ and, when tracking, wandb/.
 
-The contracts it keeps (DESIGN.md §3):
+The contracts it keeps (docs/design.md §3):
 - Randomness is a function of (seed, step) or (seed, epoch, index): the sampler picks the global
   batch of step k from (seed, k), augmentation from (seed, epoch, index), and the torch generator is
   re-seeded from (seed, step, rank) before every step. A checkpoint needs no RNG state, and a run

@@ -8,7 +8,7 @@ One panel per sample, drawn with OpenCV (no GUI, exact pixel size):
 
 Each label map is coloured with amodal.labels.PALETTE (one colour per part) and scaled up with
 nearest neighbours. The hidden region of a hand is where its ground truth is foreground and the
-`front` map says the other hand is visible (DESIGN.md §1: left is hidden where front == 2, right where
+`front` map says the other hand is visible (docs/design.md §1: left is hidden where front == 2, right where
 front == 1); its contour is drawn in white over a black rim on the ground truth and on the prediction
 of that hand, so one sees whether the prediction fills in what it cannot see. The prediction titles
 give the image's leaderboard score for that hand (amodal.metrics.pair_scores).

@@ -39,7 +39,7 @@ def expected_target(s: RawSample) -> np.ndarray:
 
 
 def test_course_layout_is_the_course_s(course_dir, frames):
-    """The fixture writer follows DESIGN.md §1 (read back here with plain lmdb/cv2/torch calls)."""
+    """The fixture writer follows docs/design.md §1 (read back here with plain lmdb/cv2/torch calls)."""
     datalist = torch.load(course_dir / "datalist_train_mp.pt", weights_only=True)
     path2id = torch.load(course_dir / "path2id_train.pt", weights_only=True)
     item = datalist[1]

@@ -1,4 +1,4 @@
-"""The leaderboard mIoU (DESIGN.md §1): hand-computed cases, the 20-pixel rule, absent classes and hands,
+"""The leaderboard mIoU (docs/design.md §1): hand-computed cases, the 20-pixel rule, absent classes and hands,
 a plain per-image reference, the streaming accumulator and its all_reduce over real gloo processes."""
 
 import json

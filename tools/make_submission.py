@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write or check the leaderboard file (test.lmdb.tar.gz, DESIGN.md §1).
+"""Write or check the leaderboard file (test.lmdb.tar.gz, docs/design.md §1).
 
     python tools/make_submission.py PREDICTIONS -o test.lmdb.tar.gz [--test-shards DIR]
     python tools/make_submission.py --check FILE --test-shards DIR [--split test]

@@ -1,4 +1,4 @@
-"""The course's crop and augmentation (DESIGN.md §1), plus the flip that swaps the hands.
+"""The course's crop and augmentation (docs/design.md §1), plus the flip that swaps the hands.
 
 One affine transform maps the hand box (shifted, scaled and rotated about its centre) onto the output
 square: the image is warped bilinearly to input_size², the label maps and the front map with nearest

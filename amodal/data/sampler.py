@@ -67,7 +67,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch
 
 
-# Slurm signals every process of a job step; only the training loop may act on these (DESIGN.md §3).
+# Slurm signals every process of a job step; only the training loop may act on these (docs/design.md §3).
 LOOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

@@ -4,7 +4,7 @@ Each hand is a small 3-D model (a planar palm plus five chains of tapered capsul
 finger bend and spread, tilted and turned, projected orthographically and drawn with OpenCV. The image
 shows only shaded skin; part identity lives in the labels alone, so a model must read parts from shape.
 
-Label semantics follow DESIGN.md §1: each hand's map holds that hand whole, also where the other hand
+Label semantics follow docs/design.md §1: each hand's map holds that hand whole, also where the other hand
 covers it (amodal between hands), while within one hand the parts are drawn far to near, so a part hidden
 by the same hand is not labelled (modal within a hand). `front` says which hand is visible at each
 labelled pixel. Everything is a function of (seed, index): one `np.random.default_rng([seed, index])`.

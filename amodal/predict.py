@@ -202,7 +202,7 @@ def _join_parts(parts: list[Path], out_path: Path, expected_keys: list[str], att
             keys: list[str] = []
             for part in parts:
                 with h5py.File(part, "r") as p:
-                    part_keys = [k.decode() if isinstance(k, bytes) else k for k in p["keys"][()]]
+                    part_keys = p["keys"].asstr()[()].tolist()
                     start = len(keys)
                     if start + len(part_keys) > len(expected_keys):
                         raise PredictError(f"{part}: more predictions than the dataset has samples")

@@ -54,10 +54,6 @@ class SubmissionError(ValueError):
 # The predictions file
 
 
-def _decode_key(key) -> str:
-    return key.decode("utf-8") if isinstance(key, bytes) else str(key)
-
-
 @contextlib.contextmanager
 def _open_predictions(path: str | Path):
     """Yield (keys, labels h5 dataset) after checking everything about the file but the values."""
@@ -81,7 +77,9 @@ def _open_predictions(path: str | Path):
             )
         if f["keys"].ndim != 1:
             raise SubmissionError(f"{path}: keys have shape {f['keys'].shape}, expected (N,)")
-        keys = [_decode_key(k) for k in f["keys"][()]]
+        if h5py.check_string_dtype(f["keys"].dtype) is None:
+            raise SubmissionError(f"{path}: keys have dtype {f['keys'].dtype}, expected UTF-8 strings")
+        keys = f["keys"].asstr()[()].tolist()
         if len(keys) != labels.shape[0]:
             raise SubmissionError(f"{path}: {len(keys)} keys but {labels.shape[0]} label pairs")
         if not keys:

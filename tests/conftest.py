@@ -14,7 +14,9 @@ import torch
 
 from amodal.checkpoint import save_checkpoint
 from amodal.config import Config, ModelConfig
-from amodal.data.shards import RawSample, pack_synthetic, synthetic_in_frame
+from amodal.data.format import RawSample
+from amodal.data.pack import pack_synthetic
+from amodal.data.sources import synthetic_in_frame
 from amodal.models import build_model
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"

@@ -14,9 +14,11 @@ from conftest import framed_samples
 
 from amodal.data import augment
 from amodal.data.dataset import ShardDataset
-from amodal.data.importers import (CourseSource, FolderSource, SourceError, close_environments, load_torch_data,
-                                   pack_course, pack_folder, write_course_layout, write_folder_layout)
-from amodal.data.shards import RawSample, read_manifest, verify_shards
+from amodal.data.format import RawSample, SourceError, read_manifest
+from amodal.data.pack import pack_course, pack_folder
+from amodal.data.read import verify_shards
+from amodal.data.sources import (CourseSource, FolderSource, close_environments, load_torch_data, write_course_layout,
+                                 write_folder_layout)
 
 REPO = Path(__file__).resolve().parents[1]
 

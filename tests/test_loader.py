@@ -86,7 +86,8 @@ def run(dataset, world_size, start_step, steps, seed=7, num_workers=0):
             assert len(b["key"]) == G // world_size
         keys.append([k for b in batches for k in b["key"]])
         images.append(torch.cat([b["image"] for b in batches]))
-    states = [loader.state_dict() for loader in loaders]
+    states = [{"step": loader.step, "seed": loader.sampler.seed, "global_batch": loader.sampler.global_batch,
+               "num_samples": loader.sampler.num_samples} for loader in loaders]
     assert all(s == states[0] for s in states)
     for loader in loaders:
         loader.close()

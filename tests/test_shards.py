@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from amodal.config import AugmentConfig, DataConfig
-from amodal.data import augment, shards
+from amodal.data import augment
+from amodal.data import format as shards
 from amodal.data.dataset import ShardDataset
-from amodal.data.shards import (JOURNAL, MANIFEST, PackOptions, ShardError, SyntheticSource, ensure_synthetic,
-                                make_record, pack, read_manifest, verify_shards)
+from amodal.data.format import JOURNAL, MANIFEST, PackOptions, ShardError, read_manifest
+from amodal.data.pack import ensure_synthetic, make_record, pack
+from amodal.data.read import verify_shards
+from amodal.data.sources import SyntheticSource
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import torch
 from amodal import checkpoint as ck
 from amodal import tracking
 from amodal.config import ConfigError, load_config
-from amodal.data.shards import pack_synthetic
+from amodal.data.pack import pack_synthetic
 from amodal.train import (EXIT_INTERRUPTED, NonFiniteLossError, main, per_rank_batch, train,
                           warmup_cosine)
 from test_train_support import REPO, TINY, base_env, events

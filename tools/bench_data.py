@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amodal.config import AugmentConfig  # noqa: E402
 from amodal.data import augment  # noqa: E402
-from amodal.data.importers import (IMAGES_LMDB, LABELS_LMDB, CourseSource, pack_course,  # noqa: E402
-                                   write_course_layout)
-from amodal.data import shards  # noqa: E402
-from amodal.data.shards import RawSample  # noqa: E402
+from amodal.data.format import COMPRESSIONS, CROP_SIZE, PackOptions, RawSample  # noqa: E402
+from amodal.data.pack import _filters, pack_course  # noqa: E402
+from amodal.data.sources import (IMAGES_LMDB, LABELS_LMDB, CourseSource, synthetic_in_frame,  # noqa: E402
+                                 write_course_layout)
 
 FRAME_W, FRAME_H = 512, 334  # InterHand2.6M's frame size in the course data
 
@@ -46,7 +46,7 @@ FRAME_W, FRAME_H = 512, 334  # InterHand2.6M's frame size in the course data
 def interhand_like_frames(n: int, seed: int = 0) -> list[RawSample]:
     """Synthetic hands (256² scenes) pasted at random places into 512×334 frames."""
     rng = np.random.default_rng([seed, 12345])
-    return [shards.synthetic_in_frame(seed, i, 256, (FRAME_W, FRAME_H), rng,
+    return [synthetic_in_frame(seed, i, 256, (FRAME_W, FRAME_H), rng,
                                       f"train/Capture{i % 4}/0000_bench/cam{400000 + i % 7}/image{i:05d}")
             for i in range(n)]
 
@@ -103,7 +103,9 @@ def cpu_per_item(fn, items, rounds: int = 3) -> float:
 def bench_storage(n: int, crop_size: int, tmp: Path) -> None:
     import h5py
 
-    from amodal.data.shards import ChunkReader, SyntheticSource, make_record
+    from amodal.data.pack import make_record
+    from amodal.data.read import ChunkReader
+    from amodal.data.sources import SyntheticSource
 
     src = SyntheticSource("train", n, seed=0)
     recs = [make_record(src.get(i), crop_size) for i in range(n)]
@@ -115,7 +117,7 @@ def bench_storage(n: int, crop_size: int, tmp: Path) -> None:
                        ("labels", "gzip"), ("labels", "lzf"), ("front", "none"), ("front", "gzip")]:
         data = arrays[name]
         path = tmp / f"{name}-{filt}.h5"
-        kw = shards._filters(filt)
+        kw = _filters(filt)
         with h5py.File(path, "w", libver="latest") as f:
             f.create_dataset("x", data=data, chunks=(1, *data.shape[1:]), **kw)
         with h5py.File(path, "r") as f:
@@ -135,7 +137,8 @@ def bench_storage(n: int, crop_size: int, tmp: Path) -> None:
 
 
 def bench_crops(n: int) -> None:
-    from amodal.data.shards import SyntheticSource, make_record
+    from amodal.data.pack import make_record
+    from amodal.data.sources import SyntheticSource
 
     cfg = AugmentConfig()
     sets = {"InterHand-like 512x334": interhand_like_frames(n, seed=3),
@@ -168,9 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="timed passes; the best is reported")
     ap.add_argument("--workdir", default=None, help="build here instead of a temporary folder")
-    ap.add_argument("--crop-size", type=int, default=shards.CROP_SIZE, help="stored crop side of the shards")
-    ap.add_argument("--image-compression", choices=shards.COMPRESSIONS, default="none")
-    ap.add_argument("--map-compression", choices=shards.COMPRESSIONS, default="none")
+    ap.add_argument("--crop-size", type=int, default=CROP_SIZE, help="stored crop side of the shards")
+    ap.add_argument("--image-compression", choices=COMPRESSIONS, default="none")
+    ap.add_argument("--map-compression", choices=COMPRESSIONS, default="none")
     args = ap.parse_args(argv)
 
     cv2.setNumThreads(1)
@@ -191,8 +194,8 @@ def main(argv=None) -> int:
         frames = interhand_like_frames(args.samples)
         write_course_layout(tmp / "course", {"train": frames})
         del frames
-        options = shards.PackOptions(crop_size=args.crop_size, image_compression=args.image_compression,
-                                     map_compression=args.map_compression)
+        options = PackOptions(crop_size=args.crop_size, image_compression=args.image_compression,
+                              map_compression=args.map_compression)
         pack_course(tmp / "course", tmp / "shards", splits=("train",), progress=False, options=options)
         print(f"built {args.samples} frames of {FRAME_W}x{FRAME_H} (course layout) and their shards "
               f"({options}) in {time.perf_counter() - t:.1f}s")

@@ -56,7 +56,8 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from amodal.config import load_config
-    from amodal.data.shards import MANIFEST, ensure_synthetic
+    from amodal.data.format import MANIFEST
+    from amodal.data.pack import ensure_synthetic
 
     cfg = load_config(REPO / args.recipe, args.overrides)
     data_root = Path(cfg.data.root) if Path(cfg.data.root).is_absolute() else REPO / cfg.data.root

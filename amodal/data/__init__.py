@@ -1,1 +1,13 @@
-"""Data: synthetic generator, HDF5 shards, importers, augmentation, dataset and sampler."""
+"""Data: everything between a dataset on disk and a batch of tensors.
+
+- format: the shard format (FORMAT.md): constants, errors, RawSample, layout, manifest, fingerprint.
+- sources: what is packed: SyntheticSource, CourseSource (the course's LMDB layout), FolderSource,
+  and writers of those layouts for fixtures.
+- pack: RawSamples into shards (crops, shard files, journal, process pool); ensure_synthetic; the
+  `amodal-pack` command line.
+- read: ShardFile, ChunkReader, verify_shards; the `amodal-verify` command line.
+- synthetic: the procedural hand generator. augment: crops and augmentation.
+- dataset: ShardDataset; sampler: sample-exact batching and loaders.
+
+Imports run one way: format <- sources <- pack; format <- read <- dataset.
+"""

@@ -18,7 +18,8 @@ import torch
 
 from amodal.config import AugmentConfig
 from amodal.data import augment
-from amodal.data.shards import MANIFEST, ShardError, ShardFile, read_manifest, splits_of
+from amodal.data.format import MANIFEST, ShardError, read_manifest, splits_of
+from amodal.data.read import ShardFile
 
 
 class ShardDataset(torch.utils.data.Dataset):

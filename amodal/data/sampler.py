@@ -99,23 +99,6 @@ class StepLoader:
         self.step += 1
         return batch
 
-    @property
-    def epoch(self) -> int:
-        """The epoch of the next batch."""
-        return self.step // self.sampler.steps_per_epoch
-
-    def state_dict(self) -> dict:
-        s = self.sampler
-        return {"step": self.step, "seed": s.seed, "global_batch": s.global_batch,
-                "num_samples": s.num_samples}
-
-    def check_state(self, state: dict) -> None:
-        """Raise ValueError when a saved state does not describe this loader's stream."""
-        s = self.sampler
-        for name, mine in (("seed", s.seed), ("global_batch", s.global_batch), ("num_samples", s.num_samples)):
-            if state.get(name) != mine:
-                raise ValueError(f"loader state {name}={state.get(name)!r} does not match this loader's {mine!r}")
-
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is garbage-collected)."""
         it, self._it = self._it, None

@@ -1,10 +1,13 @@
-"""Sources for the packer: the course's LMDB layout and a plain folder (FORMAT.md, "Importers").
+"""What the packer reads: sources that yield RawSample (full frame, hand box, [left, right] label maps
+0..16) by index, so that shards can be packed in any order and a pack can resume (FORMAT.md, "Sources").
 
-Both yield RawSample (full frame, box, [left, right] label maps 0..16) by index, so the packer can pack
-shards in any order and resume. Every fault names the file and the sample key it was found in.
+- SyntheticSource: the built-in procedural hands of amodal.data.synthetic (and synthetic_in_frame, such
+  a hand pasted into a larger frame, for importer fixtures and benchmarks).
+- CourseSource: the course's LMDB layout; FolderSource: images/, labels/ and boxes.json.
+- write_course_layout / write_folder_layout: the same two layouts written from RawSamples (fixtures for
+  the tests and tools/bench_data.py).
 
-The writers at the bottom produce the same layouts from RawSamples; the tests and tools/bench_data.py
-build their fixtures with them.
+Every fault names the file and the sample key it was found in. Packing them is amodal.data.pack's job.
 """
 
 from __future__ import annotations
@@ -19,8 +22,66 @@ import cv2
 import numpy as np
 import torch
 
-from amodal.data.shards import RawSample, SourceError
+from amodal.data import synthetic
+from amodal.data.format import RawSample, SourceError
 from amodal.labels import NUM_PARTS
+
+
+# ---------------------------------------------------------------------------------------------------
+# The built-in synthetic dataset
+
+SYNTHETIC_OFFSETS = {"train": 0, "val": 800_000, "test": 900_000}  # generator index of a split's first sample
+
+
+def synthetic_in_frame(seed: int, index: int, scene: int, frame: tuple[int, int], rng: np.random.Generator,
+                       key: str) -> RawSample:
+    """A synthetic scene (scene² pixels) pasted at a random place into a larger frame (w, h), whose
+    background is the scene stretched: a full-frame sample like the course's, for importer fixtures
+    and the course-path benchmark."""
+    d = synthetic.generate(seed, index, scene)
+    w, h = frame
+    image = cv2.resize(d["image"], (w, h), interpolation=cv2.INTER_LINEAR)
+    labels = np.zeros((2, h, w), np.uint8)
+    x0, y0 = int(rng.integers(0, w - scene)), int(rng.integers(0, h - scene))
+    image[y0:y0 + scene, x0:x0 + scene] = d["image"]
+    labels[:, y0:y0 + scene, x0:x0 + scene] = d["labels"]
+    bbox = d["bbox"] + np.array([x0, y0, 0, 0], np.float32)
+    return RawSample(key=key, image=image, bbox=bbox, labels=labels, hand_type=d["hand_type"])
+
+
+class SyntheticSource:
+    """Samples of amodal.data.synthetic: split `split` holds generator indices offset + 0 .. count - 1,
+    so validation and test samples do not change when the training set grows."""
+
+    has_labels = True
+    has_front = True
+
+    def __init__(self, split: str, count: int, seed: int = 0, size: int = 256):
+        if split not in SYNTHETIC_OFFSETS:
+            raise ValueError(f"synthetic split {split!r}: expected one of {sorted(SYNTHETIC_OFFSETS)}")
+        room = {"train": 800_000, "val": 100_000, "test": 100_000}[split]
+        if not 0 <= count <= room:
+            raise ValueError(f"synthetic split {split!r}: count {count} is not in 0..{room}")
+        self.split, self.count, self.seed, self.size = split, count, seed, size
+        self.offset = SYNTHETIC_OFFSETS[split]
+        self._generate = synthetic.generate
+        self.where = f"amodal.data.synthetic (seed {seed}, split {split})"
+        # A change to the generator's code changes this name, so its old shards are not reused.
+        code = hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:16]
+        self.name = f"synthetic seed={seed} size={size} offset={self.offset} generator={code}"
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, i: int) -> RawSample:
+        index = self.offset + i
+        d = self._generate(self.seed, index, self.size)
+        return RawSample(key=f"synthetic/{index:06d}", image=d["image"], bbox=d["bbox"], labels=d["labels"],
+                         front=d["front"], hand_type=d["hand_type"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Importers: shared constants and helpers
 
 HAND_TYPES = ("right", "left", "interacting")
 COURSE_IMAGE_PREFIX = "./data/InterHand2.6M/images/"
@@ -331,33 +392,15 @@ class FolderSource:
         return RawSample(key=key, image=image, bbox=bbox, labels=labels, hand_type=hand_type)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Packing entry points (tools/pack_shards.py)
-
-
-def pack_course(root, out, splits=("train", "val", "test"), **kw) -> dict:
-    from amodal.data.shards import pack
-
-    sources = {s: CourseSource(root, s) for s in splits}
+def folder_splits(root) -> list[str]:
+    """The splits that a folder's boxes.json lists, in its order."""
+    boxes = Path(root) / FOLDER_BOXES
     try:
-        return pack(out, sources, description=f"course data from {Path(root).resolve()}", **kw)
-    finally:
-        close_environments()
-
-
-def pack_folder(root, out, splits=None, **kw) -> dict:
-    from amodal.data.shards import pack
-
-    if splits is None:
-        boxes = Path(root) / FOLDER_BOXES
-        try:
-            splits = list(json.loads(boxes.read_text()))
-        except FileNotFoundError:
-            raise SourceError(f"{boxes}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise SourceError(f"{boxes}: cannot read: {e}") from None
-    sources = {s: FolderSource(root, s) for s in splits}
-    return pack(out, sources, description=f"folder {Path(root).resolve()}", **kw)
+        return list(json.loads(boxes.read_text()))
+    except FileNotFoundError:
+        raise SourceError(f"{boxes}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{boxes}: cannot read: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""The shard format (FORMAT.md beside this): its name and version, constants, errors, the sample a
+source yields, the datasets a shard holds, and the manifest that lists the shards (reading, checking,
+fingerprint).
+
+A dataset is a folder holding `manifest.json` and `<split>-<NNNNN>.h5` files. Each sample is stored once
+as a square context crop of side crop_size around its hand box (at least CONTEXT × the longer box side;
+an unscaled window of the frame where that fits), its two label maps and front map cropped the same
+way, the exact 128×128 evaluation targets, the box in crop pixels and its key.
+
+Who uses it: amodal.data.pack writes shards, amodal.data.read reads and verifies them,
+amodal.data.sources yields the samples that are packed, amodal.data.dataset serves them to training.
+This module imports none of those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from amodal.labels import HANDS, NUM_CLASSES, TARGET_SIZE
+
+FORMAT_NAME = "amodal-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+JOURNAL = "pack-journal.json"  # progress of an unfinished pack; removed once the manifest is written
+CROP_SIZE = 320  # side of the stored context crop: S / CONTEXT >= 128 (FORMAT.md: why)
+CONTEXT = 2.2  # crop side / longer box side: covers the default augmentation range (FORMAT.md)
+SHARD_SIZE = 1024  # samples per shard
+COMPRESSIONS = ("none", "gzip", "lzf")  # HDF5 filters a pack may use; gzip at level 1
+
+
+class ShardError(Exception):
+    """A shard folder, file or sample that is missing, damaged or does not match its manifest."""
+
+
+class SourceError(ShardError):
+    """Bad input in a dataset being packed; the message names the source file and the sample key."""
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How samples are stored. The defaults were chosen by measurement (FORMAT.md)."""
+
+    crop_size: int = CROP_SIZE
+    context: float = CONTEXT
+    image_compression: str = "none"  # lzf/gzip save <= 44% and read 15-25x slower (measured)
+    map_compression: str = "none"  # gzip shrinks maps ~80x; costs 10-25% of loader throughput (measured)
+
+    def __post_init__(self):
+        for name in ("image_compression", "map_compression"):
+            if getattr(self, name) not in COMPRESSIONS:
+                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {COMPRESSIONS}")
+        if self.crop_size < 32:
+            raise ValueError(f"crop_size {self.crop_size} is too small")
+        if not 1.0 <= self.context <= 8.0:
+            raise ValueError(f"context {self.context} is not in [1, 8]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samples
+
+
+@dataclass
+class RawSample:
+    """One sample as a source yields it: a full frame and the hand box in frame pixels."""
+
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8 BGR
+    bbox: np.ndarray  # float32 [x, y, w, h]
+    labels: np.ndarray | None = None  # (2, H, W) uint8 [left, right], 0..16
+    front: np.ndarray | None = None  # (H, W) uint8, 0 none / 1 left / 2 right
+    hand_type: str = ""
+
+
+class Source(Protocol):
+    """What the packer reads: random access, so that a resumed pack can skip finished shards."""
+
+    name: str  # identifies the content (seed, files): a shard made from another source is rewritten
+    has_labels: bool
+    has_front: bool
+
+    def __len__(self) -> int: ...
+
+    def get(self, i: int) -> RawSample: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout: which datasets a shard holds and their shapes
+
+
+def layout(crop_size: int, has_labels: bool, has_front: bool) -> dict:
+    """Per-sample shapes of a shard's datasets (the leading sample axis left out)."""
+    s, t = crop_size, TARGET_SIZE
+    out = {"image": [s, s, 3], "bbox": [4], "frame_bbox": [4]}
+    if has_labels:
+        out["labels"] = [2, s, s]
+        out["eval_labels"] = [2, t, t]
+    if has_front:
+        out["front"] = [s, s]
+        out["eval_front"] = [t, t]
+    return out
+
+
+def manifest_layout(opt: PackOptions) -> dict:
+    """The part of the manifest (and fingerprint) that says how samples are laid out."""
+    return {
+        "crop_size": opt.crop_size,
+        "context": opt.context,
+        "target_size": TARGET_SIZE,
+        "image": {"dtype": "uint8", "order": "BGR", "axes": "HWC", "compression": opt.image_compression},
+        "labels": {"dtype": "uint8", "channels": list(HANDS), "classes": NUM_CLASSES, "background": 0,
+                   "compression": opt.map_compression, "eval_compression": "gzip"},
+        "front": {"dtype": "uint8", "values": {"0": "none", "1": "left in front", "2": "right in front"}},
+        "bbox": "x, y, w, h of the hand box in crop pixels (OpenCV pixel centres)",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and the manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:05d}.h5"
+
+
+def fingerprint_of(manifest: dict) -> str:
+    """Hash over the layout and every shard's hash: what a checkpoint remembers of its data."""
+    core = {
+        "format": FORMAT_NAME,
+        "format_version": manifest["format_version"],
+        "layout": manifest["layout"],
+        "splits": {
+            name: {"count": s["count"], "has_labels": s["has_labels"], "has_front": s["has_front"],
+                   "shards": [e["sha256"] for e in s["shards"]]}
+            for name, s in sorted(manifest["splits"].items())
+        },
+    }
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(root) -> dict:
+    """The manifest of a shard folder, checked for the fields the loader relies on."""
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest (pack the data first: tools/pack_shards.py)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: unreadable manifest: {e}") from None
+    try:
+        if manifest["format"] != FORMAT_NAME:
+            raise ShardError(f"{path}: format {manifest['format']!r} is not {FORMAT_NAME!r}")
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise ShardError(f"{path}: format version {manifest['format_version']} is not {FORMAT_VERSION}")
+        manifest["layout"]["crop_size"], manifest["fingerprint"]
+        for name, s in manifest["splits"].items():
+            total = 0
+            for e in s["shards"]:
+                e["file"], e["sha256"], e["bytes"], e["first"]
+                if e["first"] != total:
+                    raise ShardError(f"{path}: split {name!r}: shard {e['file']} starts at {e['first']}, "
+                                     f"expected {total}")
+                total += e["count"]
+            if total != s["count"]:
+                raise ShardError(f"{path}: split {name!r}: shards hold {total} samples, count says "
+                                 f"{s['count']}")
+            s["has_labels"], s["has_front"]
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{path}: malformed manifest (missing or bad field {e})") from None
+    if fingerprint_of(manifest) != manifest["fingerprint"]:
+        raise ShardError(f"{path}: fingerprint does not match the manifest's contents")
+    return manifest
+
+
+def splits_of(manifest: dict, names: str | Sequence[str]) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in manifest["splits"]:
+            raise ShardError(f"split {n!r} is not in the manifest (have: {', '.join(manifest['splits'])})")
+    return names

@@ -1,0 +1,173 @@
+"""Reading shards: one open shard file (ShardFile), one sample per chunk read fast (ChunkReader), and
+the full check of a shard folder (verify_shards; its command line is main, `amodal-verify DIR` or
+`python tools/verify_shards.py DIR`). The format itself is in amodal.data.format (FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import zlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from amodal.data.format import FORMAT_VERSION, MANIFEST, ShardError, layout, read_manifest, sha256_file
+
+
+class ShardFile:
+    """One open shard, checked against its manifest entry when opened. Not fork-safe: open it in the
+    process that reads it (ShardDataset does this lazily per worker)."""
+
+    def __init__(self, root, entry: dict, split: str, manifest: dict):
+        self.path = Path(root) / entry["file"]
+        self.count = entry["count"]
+        lay = manifest["layout"]
+        s = manifest["splits"][split]
+        try:
+            self.f = h5py.File(self.path, "r")
+        except FileNotFoundError:
+            raise ShardError(f"{self.path}: missing shard (listed in {MANIFEST})") from None
+        except OSError as e:
+            raise ShardError(f"{self.path}: cannot open shard: {e}") from None
+        try:
+            self._check(lay, s)
+        except ShardError:
+            self.f.close()
+            raise
+        except (KeyError, OSError, ValueError) as e:
+            self.f.close()
+            raise ShardError(f"{self.path}: damaged shard: {e}") from None
+        f = self.f
+        self.image = ChunkReader(f["image"])
+        self.labels = ChunkReader(f["labels"]) if s["has_labels"] else None
+        self.front = ChunkReader(f["front"]) if s["has_front"] else None
+        self.eval_labels = ChunkReader(f["eval_labels"]) if s["has_labels"] else None
+        self.eval_front = ChunkReader(f["eval_front"]) if s["has_front"] else None
+        self.bbox = f["bbox"][()]  # small: kept in memory
+        self._keys: list[str] | None = None
+
+    def _check(self, lay: dict, s: dict) -> None:
+        f = self.f
+        if f.attrs.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{self.path}: attribute format_version is {f.attrs.get('format_version')}, "
+                             f"expected {FORMAT_VERSION}")
+        expect = layout(lay["crop_size"], s["has_labels"], s["has_front"])
+        expect["key"] = []
+        for name, shape in expect.items():
+            if name not in f:
+                raise ShardError(f"{self.path}: dataset {name!r} is missing")
+            got = f[name].shape
+            if got != (self.count, *shape):
+                raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected "
+                                 f"{(self.count, *shape)} (manifest count {self.count})")
+
+    def keys(self) -> list[str]:
+        if self._keys is None:
+            self._keys = self.f["key"].asstr()[()].tolist()
+        return self._keys
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.f.close()
+
+
+class ChunkReader:
+    """Reads sample i of a dataset chunked one sample per chunk.
+
+    The chunk's bytes are fetched directly (HDF5's read_direct_chunk) and inflated here with zlib when
+    gzip-compressed: measured 1.5-3x faster than h5py's general selection path (FORMAT.md).
+    """
+
+    def __init__(self, ds: h5py.Dataset):
+        self.ds = ds
+        self.shape = ds.shape[1:]
+        self.dtype = ds.dtype
+        self.zero = (0,) * len(self.shape)
+        plain = ds.chunks == (1, *self.shape) and not ds.shuffle and not ds.fletcher32 and not ds.scaleoffset
+        self.mode = "getitem"
+        if plain and ds.compression is None:
+            self.mode = "raw"
+        elif plain and ds.compression == "gzip":
+            self.mode = "gzip"
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.mode == "getitem":
+            return self.ds[i]
+        mask, data = self.ds.id.read_direct_chunk((i, *self.zero))
+        if mask:
+            return self.ds[i]  # a filter was skipped for this chunk: let HDF5 decode it
+        if self.mode == "gzip":
+            data = zlib.decompress(data)
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
+
+def verify_shards(root) -> list[str]:
+    """Every problem found in a shard folder (empty when all is well): manifest, file sizes and hashes,
+    and each shard's structure against the manifest."""
+    root = Path(root)
+    problems = []
+    try:
+        manifest = read_manifest(root)
+    except ShardError as e:
+        return [str(e)]
+    listed = set()
+    for split, s in manifest["splits"].items():
+        for e in s["shards"]:
+            listed.add(e["file"])
+            path = root / e["file"]
+            if not path.exists():
+                problems.append(f"{path}: missing shard (listed in {root / MANIFEST})")
+                continue
+            size = path.stat().st_size
+            if size != e["bytes"]:
+                problems.append(f"{path}: {size} bytes, manifest says {e['bytes']} (truncated or replaced)")
+                continue
+            digest = sha256_file(path)
+            if digest != e["sha256"]:
+                problems.append(f"{path}: sha256 {digest[:16]}… does not match the manifest's "
+                                f"{e['sha256'][:16]}… (the file changed since it was packed)")
+                continue
+            try:
+                shard = ShardFile(root, e, split, manifest)
+            except ShardError as err:
+                problems.append(str(err))
+                continue
+            try:
+                keys = shard.keys()
+                if len(set(keys)) != len(keys):
+                    problems.append(f"{path}: duplicate sample keys")
+            finally:
+                shard.close()
+    for path in sorted(root.glob("*.h5")):
+        if path.name not in listed:
+            problems.append(f"{path}: shard not listed in {root / MANIFEST}")
+    return problems
+
+
+VERIFY_USAGE = """Re-hash and check a shard folder: python tools/verify_shards.py DIR
+
+Checks the manifest (fields, counts, fingerprint), each listed shard (present, size, sha256, datasets
+and shapes against the manifest) and that no unlisted shard lies beside them. Prints each problem with
+the file it concerns; exits 1 when there is any, 0 otherwise.
+"""
+
+
+def main(argv=None) -> int:
+    """The verify command line (VERIFY_USAGE)."""
+    ap = argparse.ArgumentParser(description=VERIFY_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="shard folder (manifest.json + <split>-NNNNN.h5)")
+    args = ap.parse_args(argv)
+    problems = verify_shards(args.root)
+    if problems:
+        for p in problems:
+            print(f"verify_shards: {p}", file=sys.stderr)
+        print(f"{args.root}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    m = read_manifest(args.root)
+    counts = ", ".join(f"{k} {v['count']}" for k, v in m["splits"].items())
+    n = sum(len(v["shards"]) for v in m["splits"].values())
+    print(f"{args.root}: OK ({n} shards; {counts}; fingerprint {m['fingerprint']})")
+    return 0

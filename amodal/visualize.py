@@ -12,11 +12,16 @@ nearest neighbours. The hidden region of a hand is where its ground truth is for
 front == 1); its contour is drawn in white over a black rim on the ground truth and on the prediction
 of that hand, so one sees whether the prediction fills in what it cannot see. The prediction titles
 give the image's leaderboard score for that hand (amodal.metrics.pair_scores).
+
+The command `amodal-visualize` (main below; also python tools/visualize.py) writes the panels of a
+checkpoint's predictions on a split.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -196,3 +201,45 @@ def write_panels(checkpoint: str | Path, shards: str | Path, split: str, out_dir
             written.append(path)
     dataset.close()
     return written
+
+
+CLI_DOC = """Write one PNG panel per sample: image, ground truth and prediction of both hands, hidden parts outlined.
+
+    amodal-visualize CHECKPOINT --shards DIR [--split val] -o DIR [--count 8] [--start 0]
+                     [--tta-flip] [--device cpu]
+
+CHECKPOINT is a checkpoint file or a run folder (its best.pt, else its newest checkpoint). Each panel
+shows the model's input image, the ground truth left and right maps, the predicted left and right maps
+(with the image's leaderboard score per hand), one colour per part with a legend, and in white the
+outline of the parts of a hand that the other hand hides (synthetic data, which has a front map).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from amodal.checkpoint import CheckpointError
+    from amodal.config import ConfigError
+    from amodal.data.format import ShardError
+    from amodal.predict import PredictError
+
+    parser = argparse.ArgumentParser(description=CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run folder")
+    parser.add_argument("--shards", required=True, metavar="DIR", help="shard folder (manifest.json + *.h5)")
+    parser.add_argument("--split", default="val", help="split to draw (default: %(default)s)")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNG panels")
+    parser.add_argument("--count", type=int, default=8, help="number of samples (default: %(default)s)")
+    parser.add_argument("--start", type=int, default=0, help="index of the first sample (default: %(default)s)")
+    parser.add_argument("--tta-flip", action="store_true", help="predict with horizontal-flip test-time augmentation")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_panels(args.checkpoint, args.shards, args.split, args.output, count=args.count,
+                             start=args.start, tta_flip=args.tta_flip, device=args.device)
+    except (CheckpointError, ConfigError, ShardError, PredictError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} panels to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

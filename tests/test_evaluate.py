@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from amodal.data.dataset import ShardDataset
+from amodal.evaluate import score
 from amodal.metrics import leaderboard_miou
 from amodal.predict import predict_batch
-from conftest import load_tool, tiny_unet_run
+from conftest import tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def run_dir(tmp_path_factory, synthetic_shards):
 
 def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):
     run, model = run_dir
-    rows = load_tool("evaluate").score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
+    rows = score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
     assert [r["tta_flip"] for r in rows] == [False, True]
 
     # Independently: predict every val sample at once, then the leaderboard rule on all of them.

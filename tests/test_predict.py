@@ -19,7 +19,6 @@ from amodal.labels import NUM_CLASSES
 from amodal.models import build_model
 from amodal.predict import PredictError, load_model_from_checkpoint, predict_to_file
 from amodal.submission import check_submission, read_predictions, read_submission, write_submission
-from conftest import load_tool
 
 TINY = ModelConfig(name="unet", base_channels=4)
 
@@ -137,7 +136,7 @@ def test_round_trip_to_leaderboard_file_and_cli_check(tmp_path, shards, test_set
     assert keys == test_set.keys()
     np.testing.assert_array_equal(labels, read_predictions(predictions)[1])
 
-    main = load_tool("make_submission").main
+    from amodal.submission import main
     assert main(["--check", str(out), "--test-shards", str(shards)]) == 0
     assert f"OK {out}: 16 test images, 32 label maps" in capsys.readouterr().out
     assert main(["--check", str(out), "--test-shards", str(shards), "--split", "val"]) == 1

@@ -8,13 +8,10 @@ from pathlib import Path
 import cv2
 import pytest
 
+import amodal.report as report
 from amodal.config import Config
-from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-report = load_tool("report")
 
 
 # Records as amodal/train.py writes them (its log.event calls), time stamps included.

@@ -24,7 +24,6 @@ from amodal.submission import (
     read_submission,
     write_submission,
 )
-from conftest import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = [
@@ -370,7 +369,7 @@ def test_cli_write(tmp_path, predictions):
 
 
 def test_cli_usage_errors(tmp_path, predictions, capsys):
-    main = load_tool("make_submission").main
+    from amodal.submission import main
     for args, message in [
         ([], "give PREDICTIONS"),
         (["--check", "x.tar.gz"], "--check needs --test-shards"),

@@ -8,10 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
+import amodal.visualize
 from amodal.data.dataset import ShardDataset
 from amodal.labels import FRONT_LEFT, FRONT_RIGHT, PALETTE
 from amodal.visualize import GAP, TILE, TITLE_H, draw_panel, hidden_regions, panel_size, write_panels
-from conftest import load_tool, tiny_unet_run
+from conftest import tiny_unet_run
 
 REPO = Path(__file__).resolve().parents[1]
 WHITE = (255, 255, 255)
@@ -108,7 +109,7 @@ def test_draw_panel_outline_and_no_ground_truth():
 
 
 def test_bad_input_is_a_clear_error(shards, run_dir, tmp_path, capsys):
-    tool = load_tool("visualize")  # in this process: the CLI test above already covers the subprocess path
+    tool = amodal.visualize  # in this process: the CLI test above already covers the subprocess path
     assert tool.main([str(tmp_path / "nothing"), "--shards", str(shards), "-o", str(tmp_path / "out")]) == 2
     assert "nothing: no such checkpoint file or run folder" in capsys.readouterr().err
     assert tool.main([str(run_dir), "--shards", str(tmp_path), "-o", str(tmp_path / "out")]) == 2

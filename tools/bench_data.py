@@ -31,13 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from amodal.config import AugmentConfig  # noqa: E402
-from amodal.data import augment  # noqa: E402
-from amodal.data.format import COMPRESSIONS, CROP_SIZE, PackOptions, RawSample  # noqa: E402
-from amodal.data.pack import _filters, pack_course  # noqa: E402
-from amodal.data.sources import (IMAGES_LMDB, LABELS_LMDB, CourseSource, synthetic_in_frame,  # noqa: E402
+from amodal.config import AugmentConfig
+from amodal.data import augment
+from amodal.data.format import COMPRESSIONS, CROP_SIZE, PackOptions, RawSample
+from amodal.data.pack import _filters, pack_course
+from amodal.data.sources import (IMAGES_LMDB, LABELS_LMDB, CourseSource, synthetic_in_frame,
                                  write_course_layout)
 
 FRAME_W, FRAME_H = 512, 334  # InterHand2.6M's frame size in the course data

@@ -29,18 +29,14 @@ import ctypes
 import gc
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from amodal.config import LossConfig, ModelConfig, TrainConfig  # noqa: E402
-from amodal.labels import NUM_CLASSES, NUM_OUTPUTS  # noqa: E402
-from amodal.models import build_model  # noqa: E402
+from amodal.config import LossConfig, ModelConfig, TrainConfig
+from amodal.labels import NUM_CLASSES, NUM_OUTPUTS
+from amodal.models import build_model
 
 
 def make_loss():

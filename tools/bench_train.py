@@ -54,7 +54,6 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the run folder here (default: a temporary folder, removed)")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO))
     from amodal.config import load_config
     from amodal.data.format import MANIFEST
     from amodal.data.pack import ensure_synthetic

@@ -12,16 +12,12 @@ appear only where segmentation_models_pytorch is installed.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from amodal.config import ModelConfig  # noqa: E402
-from amodal.models import MODEL_NAMES, build_model  # noqa: E402
+from amodal.config import ModelConfig
+from amodal.models import MODEL_NAMES, build_model
 
 
 def count(model: torch.nn.Module, size: int) -> tuple[float, float]:

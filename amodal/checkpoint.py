@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from amodal.config import ConfigError
 from amodal.fileio import fsync_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -262,3 +263,15 @@ def check_compatible(state: dict, *, fingerprint: str, global_batch: int, source
             + ". Use another run folder, or --set checkpoint.allow_mismatch=true to resume anyway."
         )
     return problems
+
+
+def check_finished_source(cfg) -> None:
+    """For a retrain_full job with `from_run`: that run must have finished (a checkpoint at its last
+    step), since its step count is the one retraining takes. ConfigError otherwise."""
+    if cfg.job != "retrain_full" or not cfg.from_run:
+        return
+    last = list_checkpoints(cfg.from_run)
+    done = last[-1][0] if last else 0
+    if done < cfg.train.steps:
+        raise ConfigError(f"from_run = {cfg.from_run}: not finished (checkpoint at step {done} of "
+                          f"{cfg.train.steps})")

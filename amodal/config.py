@@ -1,4 +1,5 @@
-"""One typed config for every job, read from a TOML recipe in jobs/ plus `--set key=value` overrides.
+"""One typed config for every job, read from a TOML recipe in jobs/ plus `--set key=value` overrides,
+and the resolution of a job kind into the config it runs with (`job_config`).
 
 A recipe is data only: it is parsed with tomllib, never executed. Unknown keys and values of the wrong
 type are errors that name the key and the file they came from.
@@ -17,6 +18,9 @@ from pathlib import Path
 
 class ConfigError(ValueError):
     pass
+
+
+JOB_KINDS = ("train", "retrain_full", "export")
 
 
 @dataclass
@@ -141,7 +145,7 @@ class ExportConfig:
 @dataclass
 class Config:
     name: str = "train"
-    job: str = "train"  # train | retrain_full | export
+    job: str = "train"  # one of JOB_KINDS
     run_dir: str = ""  # default: runs/<name>
     from_run: str = ""  # retrain_full: take the step count of this finished run
     data: DataConfig = field(default_factory=DataConfig)
@@ -334,8 +338,50 @@ def sweep_points(config: Config) -> list[Config]:
     return result
 
 
-def set_in(config: Config, dotted: str, value) -> Config:
-    """A copy of config with one dotted key replaced (type-checked)."""
-    table = config.to_dict()
-    apply_override(table, dotted.split("."), value)
-    return from_dict(table, f"set {dotted}")
+# --------------------------------------------------------------------------------------------------
+# Job kinds
+
+
+def resolve_retrain(cfg: Config) -> Config:
+    """retrain_full: a recipe on train + validation, without validation, for a fixed step count.
+
+    With `from_run` (a finished run folder: amodal.checkpoint.check_finished_source) the recipe is that
+    run's own config.json: its data, model, loss, augmentation, optimizer and step count; the job's
+    name, folder, resources, tracking and checkpointing stay those of `cfg`. Without it, `cfg` itself.
+    """
+    base = cfg
+    if cfg.from_run:
+        saved = Path(cfg.from_run) / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"from_run = {cfg.from_run}: no config.json there (not a run folder)")
+        base = from_dict(json.loads(saved.read_text()), str(saved))
+        base = dataclasses.replace(base, name=cfg.name, run_dir=cfg.run_dir, slurm=cfg.slurm,
+                                   tracking=cfg.tracking, checkpoint=cfg.checkpoint)
+    splits = list(dict.fromkeys(base.data.train_splits + [base.data.val_split]))
+    return dataclasses.replace(base, job="retrain_full", from_run=cfg.from_run, sweep={}, points=[],
+                               data=dataclasses.replace(base.data, train_splits=splits),
+                               train=dataclasses.replace(base.train, val_every=0))
+
+
+def job_config(cfg: Config) -> Config:
+    """The config a job runs with: its kind checked, retrain_full resolved."""
+    if cfg.job not in JOB_KINDS:
+        raise ConfigError(f"job = {cfg.job!r}: expected one of {', '.join(JOB_KINDS)}")
+    if cfg.job == "export" and not (cfg.export.checkpoint or cfg.from_run):
+        raise ConfigError("export.checkpoint: name a checkpoint file or a run folder, e.g. "
+                          "--set export.checkpoint=runs/train")
+    return resolve_retrain(cfg) if cfg.job == "retrain_full" else cfg
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Relative paths of the recipe (run_dir, from_run, data.root, model.pretrained, export.checkpoint)
+    made absolute against the current folder: a submitted job may run in another one."""
+    r = dataclasses.replace
+    return r(cfg, run_dir=_absolute(cfg.run_dir or f"runs/{cfg.name}"), from_run=_absolute(cfg.from_run),
+             data=r(cfg.data, root=_absolute(cfg.data.root)),
+             model=r(cfg.model, pretrained=_absolute(cfg.model.pretrained)),
+             export=r(cfg.export, checkpoint=_absolute(cfg.export.checkpoint)))

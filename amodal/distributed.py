@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -51,16 +52,25 @@ def _env_int(name: str, default: int | None = None) -> int:
 
 def slurm_hostnames(nodelist: str) -> list[str]:
     """Expand a Slurm node list ('n[1-3],gpu7') with `scontrol show hostnames`, which knows every
-    syntax; submitit's parser is the fallback where scontrol is not installed."""
+    syntax; where scontrol is not installed, our own expansion of the common one (prefix[ranges]suffix,
+    zero padding kept). submitit's parser would do, but it is private."""
     if shutil.which("scontrol"):
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
                              text=True, timeout=60).stdout
         hosts = [h for h in out.split() if h]
         if hosts:
             return hosts
-    from submitit.slurm.slurm import _parse_node_list
-
-    return _parse_node_list(nodelist)
+    hosts = []
+    for prefix, ranges, suffix in re.findall(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        if not ranges:
+            if prefix + suffix:
+                hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            first, _, last = part.partition("-")
+            for i in range(int(first), int(last or first) + 1):
+                hosts.append(f"{prefix}{i:0{len(first)}d}{suffix}")
+    return hosts
 
 
 def port_from_job_id(job_id: str) -> int:
@@ -109,12 +119,8 @@ def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-_INFO: DistInfo | None = None
-
-
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join (or reuse) the process group described by the environment; returns this rank's DistInfo."""
-    global _INFO
     source, rank, world, local_rank, addr, port = _describe_environment()
     dev = pick_device(local_rank, device)
     if dev.type == "cuda":
@@ -131,20 +137,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
                                 timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    _INFO = DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, source=source)
-    return _INFO
-
-
-def info() -> DistInfo:
-    return _INFO if _INFO is not None else DistInfo(0, 1, 0, torch.device("cpu"))
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, source=source)
 
 
 def barrier() -> None:
@@ -157,7 +150,5 @@ def barrier() -> None:
 
 def cleanup() -> None:
     """Leave the process group (the next init_distributed starts a fresh one)."""
-    global _INFO
     if dist.is_initialized():
         dist.destroy_process_group()
-    _INFO = None

@@ -3,7 +3,7 @@
 As in DINO's run_with_submitit.py, the job object is what submitit pickles; a requeued Slurm job runs
 the same object again under the same job id, and it resumes from its run folder. Unlike DINO, a
 training job does not checkpoint inside a signal handler: for the whole job USR2 and SIGTERM only set
-a flag (amodal.train's handlers replace submitit's), the loop stops at a step boundary with every rank
+a flag (amodal.signals' handlers replace submitit's), the loop stops at a step boundary with every rank
 agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (docs/design.md §3):
 
 - Slurm is preempting the job: `scontrol show job` has a PreemptTime while a grace time runs, and
@@ -30,13 +30,15 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from amodal.config import Config, ConfigError, from_dict
-from amodal.fileio import write_text_atomic
+import submitit
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-EXIT_INTERRUPTED = 75  # = amodal.train.EXIT_INTERRUPTED (not imported here: that pulls in torch)
+from amodal import signals
+from amodal.config import Config, from_dict
+from amodal.fileio import write_text_atomic
+from amodal.signals import EXIT_INTERRUPTED
 
 
 def read_requeues(run_dir: str | Path) -> dict:
@@ -58,28 +60,40 @@ def _count(run_dir: Path, kind: str) -> int:
 
 def _job_environment():
     """submitit's environment of this task, or None outside a submitit job (debug: in-process)."""
-    import submitit
-
     try:
         return submitit.JobEnvironment()
     except RuntimeError:
         return None
 
 
+def scontrol_job(job_id: str) -> dict:
+    """`scontrol show job` as a dict of its fields ({} when Slurm does not answer)."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(token.split("=", 1) for token in out.split() if "=" in token)
+
+
 def slurm_preempted(job_id: str) -> bool:
     """Whether Slurm is preempting this job: while a grace time runs the job has a PreemptTime; once Slurm
     has requeued it (no grace time left) its Restarts count is past this run's SLURM_RESTART_COUNT.
     A cancelled job has neither."""
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    fields = dict(token.split("=", 1) for token in out.split() if "=" in token)
+    fields = scontrol_job(job_id)
     if fields.get("PreemptTime", "None") not in ("None", "Unknown"):
         return True
     restarts = fields.get("Restarts", "0")
     return restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def requeue(env) -> None:
+    """Requeue this job under its own id: `scontrol requeue` on Slurm; with submitit's local executor,
+    the exit status its controller answers by starting the tasks again."""
+    if env.cluster == "slurm":
+        subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
+    else:
+        sys.exit(LOCAL_REQUEUE_RETURN_CODE)
 
 
 class Job:
@@ -99,8 +113,6 @@ class Job:
         """Called by submitit's own USR2 handler, which is active only where ours is not (an export job,
         the first moments of a training job): requeue this same object, which starts again from its run
         folder, unless the wall-time bound says no (None: submitit then ends the job)."""
-        import submitit
-
         cfg = from_dict(self.config, f"job config of {self.run_dir}")
         return submitit.helpers.DelayedSubmission(self) if self.interruption(cfg, {"SIGUSR2"}) else None
 
@@ -133,9 +145,9 @@ class TrainJob(Job):
     """Train (or resume) in the run folder; every task of the job is one rank."""
 
     def run(self, cfg: Config, run_dir: Path):
-        from amodal.train import install_signal_handlers, train
+        from amodal.train import train
 
-        install_signal_handlers()  # ours for the whole job: submitit's would requeue at once, mid-step
+        signals.install()  # ours for the whole job: submitit's would requeue at once, mid-step
         result = train(cfg, run_dir, handle_signals=False)
         if result.interrupted:
             self.after_interruption(cfg, set(result.signals))  # does not return
@@ -150,7 +162,7 @@ class TrainJob(Job):
         env = _job_environment()
         if env is not None and env.global_rank == 0 and self.interruption(cfg, signals):
             try:
-                env._requeue(cfg.slurm.max_walltime_requeues)  # Slurm: scontrol requeue <id>; local: exit 144
+                requeue(env)
             except (OSError, subprocess.SubprocessError) as e:
                 print(f"requeue failed: {e}", flush=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -165,77 +177,35 @@ class ExportJob(Job):
     """
 
     def run(self, cfg: Config, run_dir: Path):
-        import torch
-
-        from amodal.checkpoint import load_checkpoint
         from amodal.data.dataset import ShardDataset
-        from amodal.predict import load_model_from_checkpoint, predict_to_file
+        from amodal.distributed import pick_device
+        from amodal.predict import load_trained, model_from_state, predict_to_file
         from amodal.submission import check_submission, write_submission
 
         env = _job_environment()
         if env is not None and env.global_rank != 0:
             return None
-        source = cfg.export.checkpoint or cfg.from_run
-        if not source:
-            raise ConfigError("export.checkpoint: name a checkpoint file or a finished run folder")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, trained, ckpt_path = load_model_from_checkpoint(source, device)
+        ckpt_path, state = load_trained(cfg.export.checkpoint or cfg.from_run)
+        model = model_from_state(state, ckpt_path)
+        trained, best = state["config"], state.get("best_miou")
+        del state
         dataset = ShardDataset(trained["data"]["root"], cfg.export.split, input_size=trained["data"]["input_size"])
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", cfg.dumps() + "\n")  # read by amodal.status
         predictions = predict_to_file(model, dataset, run_dir / "predictions.h5", cfg.export.batch_size,
-                                      cfg.export.tta_flip, device, checkpoint=ckpt_path)
+                                      cfg.export.tta_flip, pick_device(0), checkpoint=ckpt_path)
         keys = dataset.keys()
         out = write_submission(predictions, run_dir / cfg.export.submission, test_keys=keys)
         check_submission(out, keys)
-        best = load_checkpoint(ckpt_path).get("best_miou")
         score = f"{best:.4f}" if best is not None else "none (trained without validation)"
         print(f"checkpoint: {ckpt_path}\nvalidation mIoU: {score}\nleaderboard file: {out} "
               f"({len(keys)} test images, checked)", flush=True)
         return {"submission": str(out), "checkpoint": str(ckpt_path), "val_miou": best}
 
 
-def resolve_retrain(cfg: Config) -> Config:
-    """retrain_full: a recipe on train + validation, without validation, for a fixed step count.
-
-    With `from_run` (a finished run folder) the recipe is that run's own config.json: its data, model,
-    loss, augmentation, optimizer and step count; the job's name, folder, resources and tracking stay
-    those of `cfg`. Without it, `cfg` itself with its train.steps.
-    """
-    base = cfg
-    if cfg.from_run:
-        from amodal.checkpoint import list_checkpoints
-
-        saved = Path(cfg.from_run) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"from_run = {cfg.from_run}: no config.json there (not a run folder)")
-        base = from_dict(json.loads(saved.read_text()), str(saved))
-        last = list_checkpoints(cfg.from_run)
-        if not last or last[-1][0] < base.train.steps:
-            done = last[-1][0] if last else 0
-            raise ConfigError(f"from_run = {cfg.from_run}: not finished (checkpoint at step {done} of "
-                              f"{base.train.steps})")
-        base = replace(base, name=cfg.name, run_dir=cfg.run_dir, slurm=cfg.slurm, tracking=cfg.tracking,
-                       checkpoint=cfg.checkpoint)
-    splits = list(dict.fromkeys(base.data.train_splits + [base.data.val_split]))
-    return replace(base, job="retrain_full", from_run=cfg.from_run, sweep={}, points=[],
-                   data=replace(base.data, train_splits=splits),
-                   train=replace(base.train, val_every=0))
-
-
 JOBS = {"train": TrainJob, "retrain_full": TrainJob, "export": ExportJob}
 
 
-def job_config(cfg: Config) -> Config:
-    """The config the job runs with: checked job kind, retrain_full resolved."""
-    if cfg.job not in JOBS:
-        raise ConfigError(f"job = {cfg.job!r}: expected one of {', '.join(JOBS)}")
-    if cfg.job == "export" and not (cfg.export.checkpoint or cfg.from_run):
-        raise ConfigError("export.checkpoint: name a checkpoint file or a run folder, e.g. "
-                          "--set export.checkpoint=runs/train")
-    return resolve_retrain(cfg) if cfg.job == "retrain_full" else cfg
-
-
 def make_job(cfg: Config, run_dir: str | Path) -> Job:
-    """The job object for a config that went through job_config."""
+    """The job object for a config that went through config.job_config."""
     return JOBS[cfg.job](cfg, run_dir)

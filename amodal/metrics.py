@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from amodal.labels import FRONT_LEFT, FRONT_RIGHT, HANDS, MIN_PIXELS, NUM_CLASSES, NUM_PARTS, split_logits
+from amodal.labels import (FRONT_LEFT, FRONT_RIGHT, HANDS, MIN_PIXELS, NUM_CLASSES, NUM_PARTS, split_logits,
+                           swap_logits)
 
 _CODES = NUM_CLASSES * NUM_CLASSES  # (pred, gt) pairs; one more code collects masked-out pixels
 
@@ -90,6 +91,17 @@ def predict_labels(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"predict_labels: logits must be (N, {2 * NUM_CLASSES}, H, W), got {tuple(logits.shape)}")
     left, right = split_logits(logits)
     return torch.stack([left.argmax(1), right.argmax(1)], dim=1)
+
+
+def predict_logits(model, images: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
+    """The model's float32 logits for `images`; with flip test-time augmentation, the mean of those and
+    of the mirror image's, mapped back: columns flipped and hands swapped (a mirrored left hand looks
+    like a right hand), the rule the training augmentation uses for labels. The mean keeps a
+    mirror-equivariant model's logits exactly ((a + a) / 2 == a). Validation and export both use this."""
+    logits = model(images).float()
+    if tta_flip:
+        logits = (logits + swap_logits(model(images.flip(-1)).float().flip(-1))) / 2
+    return logits
 
 
 # Layout of the accumulator's one packed float64 state vector (so all_reduce is a single call).
@@ -193,3 +205,24 @@ class MIoUAccumulator:
             "images": int(s[_IMAGES]),
         }
 
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, amp_dtype, channels_last: bool, tta_flip: bool) -> dict:
+    """Leaderboard mIoU of `model` over `loader` (each rank its share), combined over the ranks with
+    one all_reduce; the result of MIoUAccumulator.compute()."""
+    was_training = model.training
+    model.eval()
+    acc = MIoUAccumulator(device)
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = predict_logits(model, images, tta_flip)
+        front = batch.get("front")
+        acc.update(predict_labels(logits), batch["target"].to(device),
+                   front.to(device) if front is not None else None)
+    acc.all_reduce()
+    model.train(was_training)
+    return acc.compute()

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from amodal.jobs import read_requeues
+from amodal.jobs import read_requeues, scontrol_job
 
 
 def _slurm(*cmd: str) -> str:
@@ -41,9 +40,9 @@ def slurm_lines(job_id: str) -> list[str]:
     runs = _slurm("sacct", "-n", "-D", "-X", "-P", "-j", job_id, "-o", "State").split()
     if runs:
         lines.append(f"runs       {' -> '.join(runs)} (sacct -D: one entry per start)")
-    restarts = re.search(r"\bRestarts=(\d+)", _slurm("scontrol", "-o", "show", "job", job_id))
+    restarts = scontrol_job(job_id).get("Restarts")
     if restarts:
-        lines.append(f"restarts   {restarts.group(1)} (scontrol)")
+        lines.append(f"restarts   {restarts} (scontrol)")
     return lines
 
 

@@ -1,4 +1,9 @@
-"""Experiment tracking with the real wandb library, on rank 0 only.
+"""The record of a training run: log.txt and metrics.jsonl (RunLog), and the wandb run (Tracker).
+
+Both are written by rank 0 only. metrics.jsonl is the complete record (one JSON object per event);
+wandb is the dashboard beside it.
+
+Experiment tracking uses the real wandb library.
 
 `tracking.wandb` picks the mode:
 - auto: online when the user configured a key (WANDB_API_KEY, or a netrc entry for the wandb host),
@@ -13,15 +18,64 @@ config, a log line or a checkpoint: wandb reads it from the environment itself.
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
 import secrets
 import string
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 MODES = ("auto", "online", "offline", "off")
+
+
+class RunLog:
+    """log.txt, metrics.jsonl and the terminal, written by rank 0 only (others get a RunLog that writes
+    nothing). A progress bar on a terminal, plain lines elsewhere (Slurm logs). Kept as our own small
+    class rather than the logging module with tqdm.contrib.logging: metrics.jsonl is structured records,
+    not log lines, and log.txt needs only a time stamp."""
+
+    def __init__(self, run_dir: Path, main: bool):
+        self.main = main
+        self.bar = None
+        if main:
+            self._log = open(run_dir / "log.txt", "a", buffering=1)
+            self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def info(self, message: str, echo: bool = True) -> None:
+        if not self.main:
+            return
+        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        if not echo:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def event(self, kind: str, **fields) -> None:
+        if self.main:
+            self._metrics.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def start_bar(self, total: int, initial: int) -> None:
+        """A progress bar when rank 0 writes to a terminal."""
+        if self.main and sys.stdout.isatty() and initial < total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        if self.main:
+            self.close_bar()
+            self._log.close()
+            self._metrics.close()
 
 
 def has_api_key() -> bool:

@@ -36,7 +36,7 @@ def run_main(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_exit_status_matches_the_trainer():
-    from amodal.train import EXIT_INTERRUPTED
+    from amodal.signals import EXIT_INTERRUPTED
 
     assert jobs.EXIT_INTERRUPTED == EXIT_INTERRUPTED
 

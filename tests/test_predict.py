@@ -1,4 +1,4 @@
-"""Prediction to a file: flip TTA, the file's contents, checkpoints, two ranks, and the way to the
+"""Prediction to a file: flip TTA, the file's contents, checkpoints, and the way to the
 leaderboard file."""
 
 import dataclasses
@@ -8,8 +8,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from amodal.checkpoint import BEST_NAME, save_checkpoint, step_path
@@ -149,8 +147,6 @@ def test_round_trip_to_leaderboard_file_and_cli_check(tmp_path, shards, test_set
 def test_bad_arguments(tmp_path, test_set):
     with pytest.raises(PredictError, match="does not exist"):
         predict_to_file(tiny_model(), test_set, tmp_path / "missing" / "p.h5")
-    with pytest.raises(PredictError, match="initialized torch.distributed"):
-        predict_to_file(tiny_model(), test_set, tmp_path / "p.h5", world_size=2, rank=1)
 
     class Wrong(nn.Module):
         def forward(self, x):
@@ -207,8 +203,8 @@ def test_load_model_from_checkpoint(tmp_path):
     model, _, path = load_model_from_checkpoint(run)  # no best: the newest that loads
     assert path == step_path(run, 20) and same_weights(model, m2)
 
-    # EMA weights, saved as DistributedDataParallel would name them, are preferred.
-    ema = {"module." + k: v for k, v in m3.state_dict().items()}
+    # EMA weights, when the checkpoint holds them, are preferred.
+    ema = m3.state_dict()
     save_checkpoint(checkpoint_state(30, m2, ema=ema), run)
     model, _, path = load_model_from_checkpoint(run)
     assert path == step_path(run, 30) and same_weights(model, m3) and model.weights_name == "ema"
@@ -228,32 +224,3 @@ def test_load_model_from_checkpoint(tmp_path):
     save_checkpoint(checkpoint_state(50, m1, config=other), run)
     with pytest.raises(PredictError, match="model weights do not fit model 'unet'"):
         load_model_from_checkpoint(step_path(run, 50))
-
-
-# --- two ranks -------------------------------------------------------------------------------------
-
-
-def _rank_main(rank, world_size, init_file, shards, out, error_file):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-        predict_to_file(conv_model(), ShardDataset(shards, "test"), out, batch_size=2, tta_flip=True,
-                        rank=rank, world_size=world_size)
-        dist.destroy_process_group()
-    except BaseException as e:
-        Path(f"{error_file}.{rank}").write_text(repr(e))
-        raise
-
-
-@pytest.mark.timeout(180)  # a hung rendezvous fails instead of blocking the suite
-def test_two_ranks_match_one(tmp_path, shards, test_set):
-    one = predict_to_file(conv_model(), test_set, tmp_path / "one.h5", batch_size=2, tta_flip=True)
-    two = tmp_path / "two.h5"
-    # fork, not spawn: a spawned child spends most of this test importing torch again.
-    mp.start_processes(_rank_main, args=(2, tmp_path / "init", shards, two, tmp_path / "error"), nprocs=2,
-                       start_method="fork")
-    k1, l1, _ = labels_of(one)
-    k2, l2, _ = labels_of(two)
-    assert k1 == k2 == test_set.keys()
-    np.testing.assert_array_equal(l1, l2)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".h5" or "part" in p.name) == ["one.h5", "two.h5"]

@@ -21,8 +21,10 @@ from amodal import checkpoint as ck
 from amodal import tracking
 from amodal.config import ConfigError, load_config
 from amodal.data.pack import pack_synthetic
-from amodal.train import (EXIT_INTERRUPTED, NonFiniteLossError, main, per_rank_batch, train,
-                          warmup_cosine)
+from amodal.data.sampler import per_rank_batch
+from amodal.optim import warmup_cosine
+from amodal.signals import EXIT_INTERRUPTED
+from amodal.train import NonFiniteLossError, main, train
 from test_train_support import REPO, TINY, base_env, events
 
 RECIPES = REPO / "jobs"

@@ -18,6 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from amodal.config import ConfigError
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The recipe fixes the global batch; each of the world_size ranks takes an equal share of it."""
+    if global_batch < 1 or global_batch % world_size:
+        raise ConfigError(f"train.global_batch = {global_batch} is not divisible by the number of processes "
+                          f"({world_size}): each rank takes an equal share, and {global_batch} is not divisible "
+                          f"by world size {world_size}")
+    return global_batch // world_size
+
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Infinite batch sampler of (epoch, index) pairs: this rank's slice of each step's global batch."""
@@ -26,8 +37,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                  seed: int = 0, start_step: int = 0):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        self.local_batch = per_rank_batch(global_batch, world_size)
         if num_samples < global_batch:
             raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch}")
         if start_step < 0:
@@ -35,7 +45,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step = start_step
-        self.local_batch = global_batch // world_size
         self.steps_per_epoch = num_samples // global_batch
         self._perm_epoch, self._perm = None, None
 

@@ -345,18 +345,16 @@ def sweep_points(config: Config) -> list[Config]:
 def resolve_retrain(cfg: Config) -> Config:
     """retrain_full: a recipe on train + validation, without validation, for a fixed step count.
 
-    With `from_run` (a finished run folder: amodal.checkpoint.check_finished_source) the recipe is that
-    run's own config.json: its data, model, loss, augmentation, optimizer and step count; the job's
-    name, folder, resources, tracking and checkpointing stay those of `cfg`. Without it, `cfg` itself.
+    The recipe is that of `from_run` (a finished run folder: amodal.checkpoint.check_finished_source),
+    its own config.json: its data, model, loss, augmentation, optimizer and step count; the job's name,
+    folder, resources, tracking and checkpointing stay those of `cfg`.
     """
-    base = cfg
-    if cfg.from_run:
-        saved = Path(cfg.from_run) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"from_run = {cfg.from_run}: no config.json there (not a run folder)")
-        base = from_dict(json.loads(saved.read_text()), str(saved))
-        base = dataclasses.replace(base, name=cfg.name, run_dir=cfg.run_dir, slurm=cfg.slurm,
-                                   tracking=cfg.tracking, checkpoint=cfg.checkpoint)
+    saved = Path(cfg.from_run) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"from_run = {cfg.from_run}: no config.json there (not a run folder)")
+    base = from_dict(json.loads(saved.read_text()), str(saved))
+    base = dataclasses.replace(base, name=cfg.name, run_dir=cfg.run_dir, slurm=cfg.slurm,
+                               tracking=cfg.tracking, checkpoint=cfg.checkpoint)
     splits = list(dict.fromkeys(base.data.train_splits + [base.data.val_split]))
     return dataclasses.replace(base, job="retrain_full", from_run=cfg.from_run, sweep={}, points=[],
                                data=dataclasses.replace(base.data, train_splits=splits),
@@ -370,6 +368,9 @@ def job_config(cfg: Config) -> Config:
     if cfg.job == "export" and not (cfg.export.checkpoint or cfg.from_run):
         raise ConfigError("export.checkpoint: name a checkpoint file or a run folder, e.g. "
                           "--set export.checkpoint=runs/train")
+    if cfg.job == "retrain_full" and not cfg.from_run:
+        raise ConfigError("from_run: a retrain_full job needs the finished run whose recipe and step count "
+                          "it retrains, e.g. --set from_run=runs/train")
     return resolve_retrain(cfg) if cfg.job == "retrain_full" else cfg
 
 

@@ -171,12 +171,12 @@ def write_panels(checkpoint: str | Path, shards: str | Path, split: str, out_dir
     """Predict samples start..start+count-1 of a split with a checkpoint (file or run folder) and write
     one panel PNG per sample into out_dir. Returns the written paths."""
     from amodal.data.dataset import ShardDataset
+    from amodal.distributed import pick_device
     from amodal.predict import load_model_from_checkpoint, predict_batch
 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(0, device)
     model, cfg, ckpt_path = load_model_from_checkpoint(checkpoint, device)
     input_size = int(cfg.get("data", {}).get("input_size", 128))
     dataset = ShardDataset(shards, split, input_size=input_size)

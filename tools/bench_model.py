@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from amodal.config import LossConfig, ModelConfig, TrainConfig
+from amodal.distributed import pick_device
 from amodal.labels import NUM_CLASSES, NUM_OUTPUTS
 from amodal.models import build_model
 
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
                    help="torch CPU threads (0: torch's default; on a CPU shared with other jobs 1 is steadier)")
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(0, args.device)
     cuda = device.type == "cuda"
     steps = args.steps or (20 if cuda else 2)
     channels_last = args.channels_last

@@ -112,31 +112,44 @@ def new_run_id() -> str:
 
 
 class Tracker:
-    """A thin wrapper: log(metrics, step) and finish(); does nothing when tracking is off."""
+    """A thin wrapper: log(metrics, step) and finish(); does nothing when tracking is off.
+
+    The tracking backend can never stop training or a save: any error of wandb (its service process
+    killed by the signal Slurm sends every process of a job step, a full disk, no network, a wandb bug)
+    becomes one warning line, tracking stops for the rest of this process, and metrics.jsonl stays the
+    complete record. The run id is kept, so the next start continues the same wandb run.
+    """
 
     def __init__(self, run=None, mode: str = "off"):
         self.run = run
         self.mode = mode
+        self.run_id = run.id if run is not None else None
 
-    @property
-    def run_id(self) -> str | None:
-        return self.run.id if self.run is not None else None
+    def _call(self, what: str, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, what)(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever the backend raises, training goes on
+            print(f"warning: wandb {what} failed ({type(e).__name__}: {e}); tracking stops here, "
+                  f"metrics.jsonl keeps the record", file=sys.stderr, flush=True)
+            self.run, self.mode = None, "failed"
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._call("log", metrics, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        self._call("finish", exit_code=exit_code)
+        self.run = None
 
 
 def start_tracking(cfg, run_dir: str | Path, run_id: str | None, is_main: bool = True) -> Tracker:
     """Start (or continue, when run_id is given) the wandb run of this training run.
 
     `cfg` is the whole amodal Config; its tracking table picks the mode and project, and its dict is
-    the wandb config. Only rank 0 tracks; other ranks get a Tracker that does nothing.
+    the wandb config. Only rank 0 tracks; other ranks get a Tracker that does nothing. A wandb that
+    cannot start online falls back to offline; one that cannot start at all is a warning, not an
+    error (see Tracker).
     """
     mode = resolve_mode(cfg.tracking.wandb)
     if not is_main or mode == "off":
@@ -157,14 +170,15 @@ def start_tracking(cfg, run_dir: str | Path, run_id: str | None, is_main: bool =
         # Console capture would wrap stdout (our progress bar and Slurm log); log.txt has the output.
         settings=wandb.Settings(console="off", silent=True),
     )
-    try:
-        run = wandb.init(mode=mode, **kwargs)
-    except Exception as e:
-        if cfg.tracking.wandb != "auto" or mode != "online":
-            raise RuntimeError(f"tracking.wandb={cfg.tracking.wandb}: wandb.init failed: {e}") from e
-        # A configured key but no network (a compute node without internet access): keep training and
-        # keep the record offline; `wandb sync <run>/wandb/offline-run-*` uploads it later.
-        print(f"wandb online start failed ({type(e).__name__}: {e}); tracking offline instead", file=sys.stderr)
-        mode = "offline"
-        run = wandb.init(mode=mode, **kwargs)
-    return Tracker(run, mode)
+    for attempt in (mode, "offline") if mode == "online" else (mode,):
+        try:
+            return Tracker(wandb.init(mode=attempt, **kwargs), attempt)
+        except Exception as e:  # noqa: BLE001 - no network, a full disk, a wandb bug
+            # A compute node without internet access: keep the record offline; `wandb sync
+            # <run>/wandb/offline-run-*` uploads it later.
+            print(f"warning: wandb {attempt} start failed ({type(e).__name__}: {e})"
+                  + ("; trying offline" if attempt == "online" else "; training without wandb"),
+                  file=sys.stderr, flush=True)
+    tracker = Tracker(None, "failed")
+    tracker.run_id = run_id  # a later start may still continue this run
+    return tracker

@@ -387,11 +387,11 @@ class Trainer:
             if self.step == start_step + 1:
                 self.log.event("first_step", step=self.step, resumed=start_step > 0,
                                seconds_since_process_start=round(time.time() - PROCESS_START, 3))
-            if self.step % t.log_every == 0 or self.step == t.steps or stop:
+            if stop:
+                break  # save first (below); the tracker hears of it after
+            if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log_train(window)
                 window.reset()
-            if stop:
-                break
 
             improved = False
             if self.val_loader is not None and (self.step % t.val_every == 0 or self.step == t.steps):
@@ -410,6 +410,7 @@ class Trainer:
             if self.rank == 0 and last_saved_step != self.step:
                 self.save(False)
             barrier()  # no rank leaves before the checkpoint is on disk
+            self._log_train(window)
             names = signals.received()
             self.log.info(f"interrupted at step {self.step} ({', '.join(names) or 'signal on another rank'}); "
                           f"checkpoint {self.last_path}")

@@ -11,7 +11,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import signal
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,53 @@ def test_periodic_saves_by_minutes(synthetic_shards, tmp_path):
                       "checkpoint.every_minutes=0")
     assert train(cfg, tmp_path / "final").step == 3
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "final")] == [3]
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below pid, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found.append((child, cmdline))
+            todo.append(child)
+    return found
+
+
+def test_wandb_service_killed_mid_run_costs_one_warning_and_no_step(tmp_path, synthetic_shards):
+    """What a user runs (wandb offline, a loader worker, a ResNet U-Net): the wandb service dies mid-run,
+    as Slurm's SIGTERM can kill it; training goes on to the end with one warning, metrics.jsonl keeps
+    every record, and the checkpoint keeps the run id for the next start."""
+    from test_train_support import Launch, last_step
+
+    launch = Launch(tmp_path / "run", synthetic_shards,
+                    ["tracking.wandb=offline", "data.num_workers=1", "model.name=resnet_unet",
+                     "model.encoder_depth=18", "train.steps=30", "train.val_every=10"])
+    trainer = launch.procs[0]
+    deadline = time.monotonic() + 180
+    while last_step(launch.run_dir) < 3:
+        assert trainer.poll() is None and time.monotonic() < deadline, launch.wait()[1][0]
+        time.sleep(0.05)
+    services = [pid for pid, cmd in descendants(trainer.pid) if "wandb" in cmd]
+    assert services, f"no wandb process under the trainer: {descendants(trainer.pid)}"
+    killed_at = last_step(launch.run_dir)
+    for pid in services:
+        os.kill(pid, signal.SIGKILL)
+    codes, outs = launch.wait()
+    assert codes == [0], outs[0]
+    warnings = [line for line in outs[0].splitlines() if line.startswith("warning: wandb")]
+    assert len(warnings) == 1, outs[0]
+    assert killed_at < 30 and [e["step"] for e in events(launch.run_dir, "done")] == [30]
+    assert [e["step"] for e in events(launch.run_dir, "val")] == [10, 20, 30]
+    start = events(launch.run_dir, "start")[0]
+    assert ck.load_latest(launch.run_dir)[1]["wandb_run_id"] == start["wandb_run_id"] is not None

@@ -136,6 +136,7 @@ class SlurmConfig:
 @dataclass
 class ExportConfig:
     checkpoint: str = ""  # a checkpoint file, or a run folder (its best, else newest, checkpoint)
+    shards: str = ""  # the packed set to predict; default: the one the model was trained on (data.root)
     split: str = "test"
     batch_size: int = 64
     tta_flip: bool = False  # flip TTA measured no gain in the CPU study (README, Results); twice the cost
@@ -379,10 +380,10 @@ def _absolute(path: str) -> str:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Relative paths of the recipe (run_dir, from_run, data.root, model.pretrained, export.checkpoint)
-    made absolute against the current folder: a submitted job may run in another one."""
+    """Relative paths of the recipe (run_dir, from_run, data.root, model.pretrained, export.checkpoint,
+    export.shards) made absolute against the current folder: a submitted job may run in another one."""
     r = dataclasses.replace
     return r(cfg, run_dir=_absolute(cfg.run_dir or f"runs/{cfg.name}"), from_run=_absolute(cfg.from_run),
              data=r(cfg.data, root=_absolute(cfg.data.root)),
              model=r(cfg.model, pretrained=_absolute(cfg.model.pretrained)),
-             export=r(cfg.export, checkpoint=_absolute(cfg.export.checkpoint)))
+             export=r(cfg.export, checkpoint=_absolute(cfg.export.checkpoint), shards=_absolute(cfg.export.shards)))

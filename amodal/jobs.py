@@ -36,7 +36,7 @@ import submitit
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from amodal import signals
-from amodal.config import Config, from_dict
+from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
 from amodal.signals import EXIT_INTERRUPTED
 
@@ -177,7 +177,6 @@ class ExportJob(Job):
     """
 
     def run(self, cfg: Config, run_dir: Path):
-        from amodal.data.dataset import ShardDataset
         from amodal.distributed import pick_device
         from amodal.predict import load_trained, model_from_state, predict_to_file
         from amodal.submission import check_submission, write_submission
@@ -189,7 +188,7 @@ class ExportJob(Job):
         model = model_from_state(state, ckpt_path)
         trained, best = state["config"], state.get("best_miou")
         del state
-        dataset = ShardDataset(trained["data"]["root"], cfg.export.split, input_size=trained["data"]["input_size"])
+        dataset = export_dataset(cfg, trained)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", cfg.dumps() + "\n")  # read by amodal.status
         predictions = predict_to_file(model, dataset, run_dir / "predictions.h5", cfg.export.batch_size,
@@ -201,6 +200,22 @@ class ExportJob(Job):
         print(f"checkpoint: {ckpt_path}\nvalidation mIoU: {score}\nleaderboard file: {out} "
               f"({len(keys)} test images, checked)", flush=True)
         return {"submission": str(out), "checkpoint": str(ckpt_path), "val_miou": best}
+
+
+def export_dataset(cfg: Config, trained: dict):
+    """The split to predict: export.split of export.shards (default: the trained run's data.root), at the
+    input size the model was trained for. A folder that is not a packed set, or lacks the split, is a
+    ConfigError naming the option."""
+    from amodal.data.dataset import ShardDataset
+    from amodal.data.format import ShardError
+
+    root = cfg.export.shards or trained["data"]["root"]
+    option = "export.shards" if cfg.export.shards else "the trained run's data.root"
+    try:
+        return ShardDataset(root, cfg.export.split, input_size=trained["data"]["input_size"])
+    except ShardError as e:
+        raise ConfigError(f"{option} = {root}, export.split = {cfg.export.split!r}: cannot export from "
+                          f"there: {e}") from None
 
 
 JOBS = {"train": TrainJob, "retrain_full": TrainJob, "export": ExportJob}

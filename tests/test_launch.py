@@ -195,3 +195,36 @@ def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch,
 def test_status_of_a_missing_run(tmp_path, capsys):
     assert status.main([str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_export_predicts_another_packed_set(tmp_path, monkeypatch, capsys, synthetic_shards):
+    """export.shards: a model trained on one set exports a folder of new images packed later with the
+    folder importer, at the checkpoint's input size; a folder that is not a packed set, or lacks the
+    split, is an error naming the option."""
+    from amodal.data.pack import pack_folder
+    from amodal.data.sources import write_folder_layout
+    from amodal.submission import check_submission, read_submission
+    from conftest import framed_samples, tiny_unet_run
+
+    monkeypatch.chdir(tmp_path)
+    tiny_unet_run(tmp_path / "runs" / "m", str(synthetic_shards))  # trained at input 64 on synthetic_shards
+    new = [s for s in framed_samples(5, prefix="new", seed=3)]
+    for s in new:
+        s.labels = s.front = None  # new images: no labels
+    write_folder_layout(tmp_path / "images", {"test": new})
+    pack_folder(tmp_path / "images", tmp_path / "new-shards", progress=False)
+
+    export = str(REPO / "jobs" / "export.toml")
+    code, out, err = run_main(capsys, export, "--cluster", "debug", "--set", "export.checkpoint=runs/m",
+                              "--set", "export.shards=new-shards", "--set", "export.batch_size=2")
+    assert code == 0, err
+    result = tmp_path / "runs" / "m" / "export" / "test.lmdb.tar.gz"
+    keys, labels = read_submission(result)
+    assert keys == [s.key for s in new] and labels.shape == (5, 2, 128, 128)
+    check_submission(result, keys)
+
+    for sets, expected in ((["--set", "export.shards=nowhere"], f"export.shards = {tmp_path / 'nowhere'}"),
+                           (["--set", "export.shards=new-shards", "--set", "export.split=val"],
+                            "export.split = 'val': cannot export from there: split 'val' is not in the manifest")):
+        code, out, err = run_main(capsys, export, "--cluster", "debug", "--set", "export.checkpoint=runs/m", *sets)
+        assert code != 0 and expected in out + err, out + err

@@ -121,15 +121,17 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     raise ConfigError(f"train.precision: {precision!r} is not one of auto, fp32, bf16, fp16")
 
 
-def cpu_threads(num_workers: int) -> int | None:
-    """Intra-op threads for training on the CPU: the CPUs this process may use, shared among the ranks
-    of this node, less one per loader worker (workers that compete with the math threads for cores
-    slow both down a lot). None when the user chose with OMP_NUM_THREADS."""
+def cpu_threads() -> int | None:
+    """Intra-op threads for training on the CPU: every CPU this process may use, shared among the ranks
+    of this node. Loader workers get no core of their own: at CPU training rates (tens of images/s) one
+    worker, which reads thousands of augmented samples/s, is idle nearly all the time, while a core
+    taken from the math costs a third of the speed (tools/bench_train.py --workers measures both
+    rules). None when the user chose with OMP_NUM_THREADS."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
-    return max(1, cpus // max(1, local_ranks) - num_workers)
+    return max(1, cpus // max(1, local_ranks))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -165,7 +167,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         else:
             torch.use_deterministic_algorithms(True, warn_only=True)
-            threads = cpu_threads(cfg.data.num_workers)
+            threads = cpu_threads()
             if threads is not None:
                 torch.set_num_threads(threads)
 

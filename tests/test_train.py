@@ -285,3 +285,28 @@ def test_wandb_service_killed_mid_run_costs_one_warning_and_no_step(tmp_path, sy
     assert [e["step"] for e in events(launch.run_dir, "val")] == [10, 20, 30]
     start = events(launch.run_dir, "start")[0]
     assert ck.load_latest(launch.run_dir)[1]["wandb_run_id"] == start["wandb_run_id"] is not None
+
+
+def test_cpu_threads_leave_no_core_idle_for_loader_workers(tmp_path, synthetic_shards, monkeypatch):
+    """On the CPU the math gets every CPU of this rank's share, with loader workers on: a worker reads
+    thousands of samples/s and idles at CPU training rates (tools/bench_train.py --workers)."""
+    from amodal.train import cpu_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cpu_threads() == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this node share it
+    assert cpu_threads() == max(1, cpus // 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins
+    assert cpu_threads() is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    before = torch.get_num_threads()
+    try:
+        train(tiny_config(synthetic_shards, "train.steps=2", "train.val_every=0", "data.num_workers=1"),
+              tmp_path / "run")
+    finally:
+        torch.set_num_threads(before)
+    assert events(tmp_path / "run", "start")[0]["cpu_threads"] == cpus

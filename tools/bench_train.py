@@ -12,6 +12,12 @@ twice in a fresh run folder: once from scratch for the recipe's steps, then resu
   model, checkpoint load, tracking start, first batch, first step);
 - time to save one checkpoint (median over the run's saves) and its size.
 The figures come from the run's metrics.jsonl, written by the trainer itself.
+
+    python tools/bench_train.py --workers 0,1,2 [--recipe ...] [--set ...]
+
+instead compares loader worker counts side by side: for each count, a fresh run with the trainer's
+own choice of CPU threads, and one with the rule it replaced (one core per worker taken from the
+math: OMP_NUM_THREADS = CPUs - workers); it prints steady-state images/s of each and their ratio.
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(recipe: str, run_dir: Path, overrides: list[str]) -> float:
+def run(recipe: str, run_dir: Path, overrides: list[str], threads: int | None = None) -> float:
     args = [sys.executable, "-m", "amodal.train", recipe, "--run-dir", str(run_dir)]
     for o in overrides:
         args += ["--set", o]
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     began = time.time()
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"training failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return time.time() - began
@@ -52,6 +62,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--resume-steps", type=int, default=10, help="steps of the resumed run")
     parser.add_argument("--keep", help="keep the run folder here (default: a temporary folder, removed)")
+    parser.add_argument("--workers", help="compare these loader worker counts, e.g. 0,1,2 (see above)")
     args = parser.parse_args()
 
     from amodal.config import load_config
@@ -67,6 +78,9 @@ def main() -> None:
         ensure_synthetic(cfg.data)
         pack_s = time.time() - began
 
+    if args.workers:
+        compare_workers(args, [int(w) for w in args.workers.split(",")])
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_train-"))
     run_dir = Path(args.keep) if args.keep else tmp / "run"
     if run_dir.exists():
@@ -103,6 +117,34 @@ def main() -> None:
               f"resumed run ({args.resume_steps} steps): {resume_s:.1f} s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def steady_rate(run_dir: Path) -> tuple[float, int]:
+    """(median images/s over the log intervals after the first, CPU threads the run used)."""
+    events = read_events(run_dir)
+    rates = [e["img_per_s"] for e in events if e["event"] == "train"][1:]
+    return statistics.median(rates), next(e["cpu_threads"] for e in events if e["event"] == "start")
+
+
+def compare_workers(args, counts: list[int]) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for w in counts:
+            overrides = args.overrides + [f"data.num_workers={w}", "train.val_every=0", "tracking.wandb=off"]
+            row = [w]
+            for i, threads in enumerate((None, max(1, cpus - w))):  # the trainer's choice, then the old rule
+                run_dir = Path(tmp) / f"w{w}-{i}"
+                run(args.recipe, run_dir, overrides, threads)
+                row += steady_rate(run_dir)
+            rows.append(row)
+    print(f"recipe {args.recipe} {' '.join(args.overrides)}; {cpus} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("workers | threads (trainer) | images/s | threads (CPUs - workers) | images/s | ratio")
+    for w, rate, threads, old_rate, old_threads in rows:
+        print(f"{w:7d} | {threads:17d} | {rate:8.1f} | {old_threads:24d} | {old_rate:8.1f} | {rate / old_rate:5.2f}")
+    best = max(rows, key=lambda r: r[1])
+    print(f"fastest with the trainer's choice: {best[0]} worker(s), {best[1]:.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -159,27 +159,18 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ensure_synthetic(data_cfg) -> None:
-    """The packing function, wherever the data package keeps it (amodal.data.pack; amodal.data.shards before
-    the split)."""
-    try:
-        from amodal.data.pack import ensure_synthetic
-    except ImportError:
-        from amodal.data.shards import ensure_synthetic
-    ensure_synthetic(data_cfg)
-
-
 def ensure_data(ctx: dict, res: Result) -> Path:
     """The check's synthetic set (train/val/test counts from sizes()), packed once per work folder."""
     from amodal.config import DataConfig
+    from amodal.data.pack import ensure_synthetic
 
     root = data_root(ctx)
     if (root / "manifest.json").exists():
         return root
     train, val, test = sizes(ctx["quick"])["data"]
     began = time.monotonic()
-    _ensure_synthetic(DataConfig(root=str(root), make_synthetic=True, synthetic_train=train, synthetic_val=val,
-                                 synthetic_test=test, synthetic_seed=0))
+    ensure_synthetic(DataConfig(root=str(root), make_synthetic=True, synthetic_train=train, synthetic_val=val,
+                                synthetic_test=test, synthetic_seed=0))
     res.note(f"packed the synthetic set ({train} train / {val} val / {test} test) in "
              f"{time.monotonic() - began:.1f} s")
     return root

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} panels to {args.output}")
+    for path in paths:
+        print(f"  panel: {path}")
     return 0
 
 

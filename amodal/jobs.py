@@ -149,6 +149,7 @@ class TrainJob(Job):
 
         signals.install()  # ours for the whole job: submitit's would requeue at once, mid-step
         result = train(cfg, run_dir, handle_signals=False)
+        signals.ignore()  # the work is saved: a late wall-time or preemption signal must not fail the job
         if result.interrupted:
             self.after_interruption(cfg, set(result.signals))  # does not return
         env = _job_environment()

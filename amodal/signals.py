@@ -33,6 +33,14 @@ def restore(previous: dict) -> None:
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
+def ignore() -> None:
+    """For a process whose work is done (finished, or saved and decided): a USR2 or SIGTERM that comes
+    while it exits must not kill it, or Slurm records a finished job as FAILED. SIG_IGN, unlike a
+    Python handler, stays in force through the interpreter's shutdown."""
+    for sig in HANDLED:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def stop_requested() -> bool:
     return bool(_received)
 

@@ -228,3 +228,24 @@ def test_export_predicts_another_packed_set(tmp_path, monkeypatch, capsys, synth
                             "export.split = 'val': cannot export from there: split 'val' is not in the manifest")):
         code, out, err = run_main(capsys, export, "--cluster", "debug", "--set", "export.checkpoint=runs/m", *sets)
         assert code != 0 and expected in out + err, out + err
+
+
+def test_a_signal_after_the_training_job_finished_does_not_kill_it(tmp_path, synthetic_shards):
+    """A wall-time or preemption signal that comes while a finished training job exits must not end it
+    by that signal (Slurm would record the finished job as FAILED, or requeue it)."""
+    script = f"""
+import os, signal, sys
+from amodal.config import absolute_paths, load_config
+from amodal.jobs import make_job
+cfg = absolute_paths(load_config({str(SMOKE)!r}, {tiny(synthetic_shards, 3)!r}[1::2] + ["run_dir={tmp_path / 'run'}"]))
+make_job(cfg, cfg.run_dir)()
+# Signals until this process is gone, as Slurm's come at any moment of the exit: a Python handler
+# is taken down during the interpreter's shutdown, and a signal after that would end the process.
+import subprocess
+subprocess.Popen(["sh", "-c", f"while kill -USR2 {{os.getpid()}} && kill -TERM {{os.getpid()}}; do :; done"],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # no pipe of ours: it ends once we are reaped
+print("still here")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0 and "still here" in done.stdout, done.stdout + done.stderr

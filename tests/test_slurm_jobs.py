@@ -37,7 +37,7 @@ SMOKE = str(REPO / "jobs" / "smoke.toml")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 WALL_WORK_S = 65  # seconds of training at full speed for the wall-time job: more than a run of a 1-minute job
-PREEMPT_STEPS = 100
+PREEMPT_STEPS = 300  # enough that Slurm preempts the jobs before they finish, on a quiet machine too
 SMALL_STEPS = 30
 RESOURCES = ["--gpus-per-node", "0", "--cpus-per-task", "1"]
 

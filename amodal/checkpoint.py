@@ -229,17 +229,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None if found is None else found[0]
 
 
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """Path of best.pt when it exists and loads, else None."""
+def load_best(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
+    """best.pt of a run as (path, state) when it exists and loads, else None (with a warning when it
+    exists but does not load)."""
     path = checkpoint_dir(run_dir) / BEST_NAME
     if not path.exists():
         return None
     try:
-        load_checkpoint(path)
+        return path, load_checkpoint(path, map_location)
     except CheckpointError as e:
         warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
         return None
-    return path
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """Path of best.pt when it exists and loads, else None."""
+    found = load_best(run_dir)
+    return None if found is None else found[0]
 
 
 def check_compatible(state: dict, *, fingerprint: str, global_batch: int, source: str = "checkpoint",

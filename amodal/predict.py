@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 
 import h5py
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amodal.checkpoint import BEST_NAME, CHECKPOINT_DIR, CheckpointError, load_checkpoint, load_latest
+from amodal.checkpoint import CHECKPOINT_DIR, load_best, load_checkpoint, load_latest
 from amodal.config import from_dict
 from amodal.data.sampler import build_eval_loader
 from amodal.distributed import pick_device
@@ -51,13 +50,7 @@ def load_trained(path_or_run_dir: str | Path) -> tuple[Path, dict]:
     if not path.is_dir():
         raise PredictError(f"{path}: no such checkpoint file or run folder")
     run_dir = path.parent if path.name == CHECKPOINT_DIR and not (path / CHECKPOINT_DIR).is_dir() else path
-    best = run_dir / CHECKPOINT_DIR / BEST_NAME
-    if best.exists():
-        try:
-            return best, load_checkpoint(best)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-    found = load_latest(run_dir)
+    found = load_best(run_dir) or load_latest(run_dir)
     if found is None:
         raise PredictError(f"{path}: no loadable checkpoint in {run_dir / CHECKPOINT_DIR}")
     return found

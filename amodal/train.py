@@ -428,12 +428,9 @@ class Trainer:
         self.tracker.finish()
         return TrainResult(self.step, False, self.best_miou, self.last_path, signals.received(), digest)
 
-    def close(self, error: BaseException | None = None) -> None:
-        if error is not None:
-            self.log.info(f"error: {type(error).__name__}: {error}", echo=False)  # the caller reports it
-            self.log.event("error", error=f"{type(error).__name__}: {error}")
-            if self.tracker is not None:
-                self.tracker.finish(exit_code=1)
+    def close(self, failed: bool = False) -> None:
+        if failed and self.tracker is not None:
+            self.tracker.finish(exit_code=1)
         if self.loader is not None:
             self.loader.close()
 
@@ -496,11 +493,10 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True) -> Trai
             trainer.close()
             return result
         except BaseException as e:
+            log.info(f"error: {type(e).__name__}: {e}", echo=False)  # the caller reports it
+            log.event("error", error=f"{type(e).__name__}: {e}")
             if trainer is not None:
-                trainer.close(e)
-            else:
-                log.info(f"error: {type(e).__name__}: {e}", echo=False)
-                log.event("error", error=f"{type(e).__name__}: {e}")
+                trainer.close(failed=True)
             raise
         finally:
             log.close()

@@ -6,16 +6,22 @@ training job does not checkpoint inside a signal handler: for the whole job USR2
 a flag (amodal.signals' handlers replace submitit's), the loop stops at a step boundary with every rank
 agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (docs/design.md §3):
 
-- Slurm is preempting the job: `scontrol show job` has a PreemptTime while a grace time runs, and
-  once Slurm has requeued the job its Restarts count is past this run's SLURM_RESTART_COUNT.
-  * only USR2 so far (GraceTime > 0): requeue now with `scontrol requeue`. A job that exits during
-    its grace time is otherwise recorded as FAILED and never comes back;
-  * SIGTERM too (GraceTime=0, or the grace time is over): Slurm requeues the job itself.
-  Preemption requeues are not bounded.
-- USR2 without preemption: our `--signal=USR2@delay` before the wall-time limit. Requeue, at most
-  `slurm.max_walltime_requeues` times (counted in <run>/requeues.json).
-- SIGTERM without preemption: scancel. Never requeue: a cancelled job stays cancelled.
+- Slurm has already requeued the job: its Restarts count (`scontrol show job`) is past this run's
+  SLURM_RESTART_COUNT. That is a preemption without grace time (USR2 and SIGTERM together) or past it,
+  a requeue by hand or a node failure (SIGTERM alone); the job leaves the requeue to Slurm.
+- Slurm is preempting the job with a grace time: the job has a PreemptTime and only USR2 came. Requeue
+  now with `scontrol requeue`: a job that exits during its grace time is otherwise recorded as FAILED
+  and never comes back. Preemption requeues are not bounded.
+- USR2 otherwise: our `--signal=USR2@delay` before the wall-time limit. Requeue, at most
+  `slurm.max_walltime_requeues` times.
+- SIGTERM otherwise: scancel. Never requeue: a cancelled job stays cancelled.
 Then every rank exits with EXIT_INTERRUPTED (75).
+
+Every interruption is one entry of <run>/requeues.json (read_requeues): written when rank 0 acts on
+the signal, or, for a run killed before it could (a node failure, SIGKILL after KillWait), by the next
+run of the same job as it starts. That next start also asks Slurm's accounting why Slurm requeued the
+job (sacct -D: PREEMPTED, NODE_FAIL, REQUEUED), and records the step it resumed at and how many steps
+it trains again (the ended run's last step, from <run>/last_step, minus the checkpoint's).
 
 The time left cannot tell wall time from preemption: Slurm moves the EndTime of a preempted job to
 the end of its grace time. A signal that comes while submitit's own handler is still (or again)
@@ -30,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -39,23 +46,88 @@ from amodal import signals
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
 from amodal.signals import EXIT_INTERRUPTED
+from amodal.tracking import read_last_step
+
+
+# What ended a run of a job, as requeues.json and amodal.status name it.
+KINDS = {"walltime": "wall time", "preemption": "preemption", "node_failure": "node failure",
+         "requeue": "requeue by hand", "cancel": "scancel", "unknown": "unknown"}
+# sacct's state of a run that Slurm ended and requeued (sacct -D: one row per start of a job).
+SACCT_KINDS = {"PREEMPTED": "preemption", "NODE_FAIL": "node_failure", "REQUEUED": "requeue", "TIMEOUT": "walltime"}
+REQUEUES_FILE = "requeues.json"
 
 
 def read_requeues(run_dir: str | Path) -> dict:
-    """{"walltime": n, "preemption": n, "cancel": n}: interruptions seen by the job's rank 0."""
-    counts = {"walltime": 0, "preemption": 0, "cancel": 0}
+    """<run>/requeues.json, the run's record of its interruptions:
+
+    - "interruptions": one entry per interruption, oldest first: "kind" (a key of KINDS), "job_id",
+      "attempt" (the run of the job it ended), "signals" (seen by rank 0; none when killed outright),
+      "saved_at" (the step saved on the signal, or None), "stopped_at" (the last step that run trained),
+      "requeued" ("job": it requeued itself, "slurm": Slurm did, "no"), and once the job is back,
+      "resumed_at" (the step of the checkpoint it resumed from) and "redone" (stopped_at - resumed_at:
+      steps trained twice);
+    - "counts": interruptions of each kind;
+    - "attempt": the job and the number of its run (0 first) that started last in this folder.
+    """
+    record = {"interruptions": [], "attempt": None}
     try:
-        counts.update(json.loads((Path(run_dir) / "requeues.json").read_text()))
+        saved = json.loads((Path(run_dir) / REQUEUES_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
-        pass
-    return counts
+        saved = {}
+    record.update({k: saved[k] for k in record if k in saved})
+    record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
+    return record
 
 
-def _count(run_dir: Path, kind: str) -> int:
-    counts = read_requeues(run_dir)
-    counts[kind] += 1
-    write_text_atomic(run_dir / "requeues.json", json.dumps(counts) + "\n")
-    return counts[kind]
+def _write_requeues(run_dir: Path, record: dict) -> None:
+    record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / REQUEUES_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def record_start(run_dir: Path, job_id: str) -> dict | None:
+    """Rank 0, as a job's run starts: when it is the same job started again, complete the record of the
+    interruption that ended its previous run, or write one if that run left none (killed before it
+    could act on a signal: a node failure, a preemption past KillWait). Slurm's accounting says why
+    Slurm requeued a job; it is read now, when the ended run's row is final. Returns that entry."""
+    record = read_requeues(run_dir)
+    previous = record["attempt"]
+    same_job = previous is not None and previous["job_id"] == job_id
+    record["attempt"] = {"job_id": job_id, "number": previous["number"] + 1 if same_job else 0}
+    entry = None
+    if same_job:
+        last = record["interruptions"][-1] if record["interruptions"] else None
+        if last is not None and last["attempt"] == previous:
+            entry = last
+        else:
+            entry = {"kind": "unknown", "job_id": job_id, "attempt": previous, "signals": [], "saved_at": None,
+                     "stopped_at": None, "requeued": "slurm", "resumed_at": None, "redone": None,
+                     "time": round(time.time(), 3)}
+            record["interruptions"].append(entry)
+        if entry["requeued"] == "slurm":
+            entry["kind"] = sacct_requeue_kind(job_id) or entry["kind"]
+        last_step = read_last_step(run_dir)
+        if last_step is not None:
+            entry["stopped_at"] = last_step
+    _write_requeues(run_dir, record)
+    return entry
+
+
+def record_resume(run_dir: Path, step: int) -> None:
+    """Rank 0, once training has restored its checkpoint: the step the interruption before this run
+    resumed at, and how many steps of the ended run are trained again."""
+    record = read_requeues(run_dir)
+    attempt = record["attempt"]
+    if not record["interruptions"] or attempt is None or attempt["number"] == 0:
+        return
+    entry = record["interruptions"][-1]
+    if entry["attempt"] != {"job_id": attempt["job_id"], "number": attempt["number"] - 1}:
+        return
+    entry["resumed_at"] = step
+    entry["redone"] = entry["stopped_at"] - step if entry["stopped_at"] is not None else None
+    _write_requeues(run_dir, record)
+    redone = f"{entry['redone']} steps trained again" if entry["redone"] is not None else "steps redone unknown"
+    print(f"restart {attempt['number']} after {KINDS[entry['kind']]}: resumed at step {step}, {redone}", flush=True)
 
 
 def _job_environment():
@@ -76,15 +148,29 @@ def scontrol_job(job_id: str) -> dict:
     return dict(token.split("=", 1) for token in out.split() if "=" in token)
 
 
-def slurm_preempted(job_id: str) -> bool:
-    """Whether Slurm is preempting this job: while a grace time runs the job has a PreemptTime; once Slurm
-    has requeued it (no grace time left) its Restarts count is past this run's SLURM_RESTART_COUNT.
-    A cancelled job has neither."""
-    fields = scontrol_job(job_id)
-    if fields.get("PreemptTime", "None") not in ("None", "Unknown"):
-        return True
+def sacct_requeue_kind(job_id: str) -> str | None:
+    """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
+    when accounting does not answer or gives no such state."""
+    try:
+        out = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", str(job_id), "-o", "State"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    ended = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] not in ("RUNNING", "PENDING")]
+    return SACCT_KINDS.get(ended[-1]) if ended else None
+
+
+def slurm_requeued(fields: dict) -> bool:
+    """Whether Slurm has already ended this run and requeued the job (`scontrol show job` fields): its
+    Restarts count is past this run's SLURM_RESTART_COUNT. So it is after a preemption without grace
+    time (or past it), a requeue by hand and a node failure; the SIGTERM that ends the run comes after."""
     restarts = fields.get("Restarts", "0")
     return restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def slurm_preempting(fields: dict) -> bool:
+    """Whether Slurm is preempting this job with a grace time: the job has a PreemptTime."""
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown")
 
 
 def requeue(env) -> None:
@@ -104,6 +190,9 @@ class Job:
         self.run_dir = str(run_dir)
 
     def __call__(self):
+        env = _job_environment()
+        if env is not None and env.global_rank == 0:
+            record_start(Path(self.run_dir), str(env.job_id))
         return self.run(from_dict(self.config, f"job config of {self.run_dir}"), Path(self.run_dir))
 
     def run(self, cfg: Config, run_dir: Path):
@@ -116,29 +205,45 @@ class Job:
         cfg = from_dict(self.config, f"job config of {self.run_dir}")
         return submitit.helpers.DelayedSubmission(self) if self.interruption(cfg, {"SIGUSR2"}) else None
 
-    def interruption(self, cfg: Config, signals: set[str]) -> bool:
-        """Rank 0, after a signal: record what it was in requeues.json; whether to requeue ourselves."""
+    def interruption(self, cfg: Config, signals: set[str], step: int | None = None) -> bool:
+        """Rank 0, after a signal (and the save of `step`, if any): record the interruption in
+        requeues.json, say what happens next; whether to requeue ourselves."""
         env = _job_environment()
-        if env is not None and env.cluster == "slurm" and slurm_preempted(env.job_id):
+        fields = scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
+        by_slurm = slurm_requeued(fields)
+        if by_slurm:
+            # Which of the three sacct tells at the next start; USR2 with the SIGTERM means preemption.
+            kind = "preemption" if "SIGUSR2" in signals else "requeue"
+        elif slurm_preempting(fields):
             kind = "preemption"
         elif "SIGTERM" in signals:
             kind = "cancel"
         else:
             kind = "walltime"
-        count = _count(Path(self.run_dir), kind)
+        run_dir = Path(self.run_dir)
+        record = read_requeues(run_dir)
+        count = record["counts"][kind] + 1
         limit = cfg.slurm.max_walltime_requeues
-        if kind == "cancel":
+        ourselves = not by_slurm and (kind == "preemption" or (kind == "walltime" and count <= limit))
+        record["interruptions"].append({
+            "kind": kind, "job_id": str(env.job_id) if env is not None else None, "attempt": record["attempt"],
+            "signals": sorted(signals), "saved_at": step, "stopped_at": step,
+            "requeued": "job" if ourselves else "slurm" if by_slurm else "no", "resumed_at": None, "redone": None,
+            "time": round(time.time(), 3)})
+        _write_requeues(run_dir, record)
+        if by_slurm:
+            why = "preempted" if kind == "preemption" else "requeued by hand or a node failure"
+            print(f"Slurm is requeuing the job itself ({why}; SIGTERM with {', '.join(sorted(signals))}): it comes "
+                  f"back under the same job id" + (f" and resumes at step {step}" if step is not None else ""),
+                  flush=True)
+        elif kind == "cancel":
             print("stopped by SIGTERM (scancel): not requeued", flush=True)
-        elif kind == "preemption" and "SIGTERM" in signals:
-            print(f"preempted, SIGTERM already here (no grace time left): Slurm requeues the job (preemption "
-                  f"{count})", flush=True)
-        elif kind == "walltime" and count > limit:
+        elif not ourselves:
             print(f"wall-time signal {count} times (slurm.max_walltime_requeues = {limit}): not requeued", flush=True)
         else:
             print(f"requeueing after {'the wall-time signal' if kind == 'walltime' else 'preemption'} "
                   f"({kind} {count})", flush=True)
-            return True
-        return False
+        return ourselves
 
 
 class TrainJob(Job):
@@ -148,24 +253,29 @@ class TrainJob(Job):
         from amodal.train import train
 
         signals.install()  # ours for the whole job: submitit's would requeue at once, mid-step
-        result = train(cfg, run_dir, handle_signals=False)
+        env = _job_environment()
+        on_start = (lambda step: record_resume(run_dir, step)) if env is not None else None
+        result = train(cfg, run_dir, handle_signals=False, on_start=on_start)
         signals.ignore()  # the work is saved: a late wall-time or preemption signal must not fail the job
         if result.interrupted:
-            self.after_interruption(cfg, set(result.signals))  # does not return
-        env = _job_environment()
+            self.after_interruption(cfg, set(result.signals), result.step)  # does not return
         rank, digest = (env.global_rank if env else 0), getattr(result, "weights_sha256", None)
         print(f"rank {rank}: finished at step {result.step}, weights sha256 {digest}", flush=True)
         return {"rank": rank, "run_dir": str(run_dir), "step": result.step, "best_miou": result.best_miou,
                 "checkpoint": result.last_checkpoint, "weights_sha256": digest}
 
-    def after_interruption(self, cfg: Config, signals: set[str]) -> None:
-        """After the loop saved and returned on a signal: requeue when that is ours to do, then exit."""
+    def after_interruption(self, cfg: Config, signals: set[str], step: int) -> None:
+        """After the loop saved `step` and returned on a signal: requeue when that is ours to do, then exit."""
         env = _job_environment()
-        if env is not None and env.global_rank == 0 and self.interruption(cfg, signals):
+        if env is not None and env.global_rank == 0 and self.interruption(cfg, signals, step):
             try:
                 requeue(env)
             except (OSError, subprocess.SubprocessError) as e:
-                print(f"requeue failed: {e}", flush=True)
+                # `scontrol requeue` can be ended by the very SIGTERM of the requeue it asked for.
+                if env.cluster == "slurm" and slurm_requeued(scontrol_job(env.job_id)):
+                    print(f"Slurm has requeued the job (scontrol requeue ended with: {e})", flush=True)
+                else:
+                    print(f"requeue failed: {e}", flush=True)
         sys.exit(EXIT_INTERRUPTED)
 
 

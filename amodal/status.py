@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from amodal.jobs import read_requeues, scontrol_job
+from amodal.jobs import KINDS, read_requeues, scontrol_job
 
 
 def _slurm(*cmd: str) -> str:
@@ -73,6 +73,24 @@ def _ago(record: dict) -> str:
     return f" ({time.time() - record['time']:.0f} s ago)" if isinstance(record.get("time"), (int, float)) else ""
 
 
+def requeue_lines(record: dict) -> list[str]:
+    """The interruptions of requeues.json: a count of each kind, then one line each."""
+    counts = record["counts"]
+    shown = [k for k in KINDS if k != "unknown" or counts[k]]
+    lines = [f"requeues   {', '.join(f'{KINDS[k]} {counts[k]}' for k in shown)} (requeues.json)"]
+    for i, e in enumerate(record["interruptions"], 1):
+        signals = ", ".join(e["signals"]) or "no signal"
+        saved = f"saved at step {e['saved_at']}" if e["saved_at"] is not None else "nothing saved on a signal"
+        stopped = f"stopped at step {e['stopped_at']}" if e["stopped_at"] is not None else "stopped at step ?"
+        if e["resumed_at"] is not None:
+            redone = "?" if e["redone"] is None else e["redone"]
+            after = f"resumed at step {e['resumed_at']}, {redone} steps redone"
+        else:
+            after = "not requeued" if e["requeued"] == "no" else "not resumed yet"
+        lines.append(f"  {i}. {KINDS[e['kind']]} ({signals}): {stopped}, {saved}; {after}")
+    return lines
+
+
 def describe(run_dir: Path) -> str:
     from amodal.checkpoint import list_checkpoints
 
@@ -92,9 +110,7 @@ def describe(run_dir: Path) -> str:
         if job is not None:
             lines.append(f"log        {job['log']}")
         return "\n".join(lines)
-    counts = read_requeues(run_dir)
-    lines.append(f"requeues   wall time {counts['walltime']}, preemption {counts['preemption']}, "
-                 f"scancel {counts['cancel']} (interruptions seen by the job)")
+    lines += requeue_lines(read_requeues(run_dir))
     steps = config.get("train", {}).get("steps")
     checkpoints = list_checkpoints(run_dir)
     if checkpoints:

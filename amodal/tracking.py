@@ -29,6 +29,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 MODES = ("auto", "online", "offline", "off")
+LAST_STEP_FILE = "last_step"
+
+
+def read_last_step(run_dir: str | Path) -> int | None:
+    """The last step a run trained (<run>/last_step, see RunLog.step_done), None before its first step."""
+    try:
+        return int((Path(run_dir) / LAST_STEP_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 class RunLog:
@@ -43,6 +52,14 @@ class RunLog:
         if main:
             self._log = open(run_dir / "log.txt", "a", buffering=1)
             self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            self._last_step = os.open(run_dir / LAST_STEP_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+
+    def step_done(self, step: int) -> None:
+        """Rewrite <run>/last_step after every step: one small write, no fsync. A job killed without
+        warning (or one that saved a step earlier than its last) leaves there how far it got, so its
+        next start can count the steps it trains again (amodal/jobs.py, requeues.json)."""
+        if self.main:
+            os.pwrite(self._last_step, f"{step:>12d}\n".encode(), 0)  # fixed width: nothing to truncate
 
     def info(self, message: str, echo: bool = True) -> None:
         if not self.main:
@@ -76,6 +93,7 @@ class RunLog:
             self.close_bar()
             self._log.close()
             self._metrics.close()
+            os.close(self._last_step)
 
 
 def has_api_key() -> bool:

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +384,7 @@ class Trainer:
         stop = False
         while self.step < t.steps and not stop:
             loss, stop = self.train_step(next(batches))
+            self.log.step_done(self.step)
             window.add(loss)
             if self.log.bar is not None:
                 self.log.bar.update(1)
@@ -470,8 +472,11 @@ def _fmt(value: float | None) -> str:
     return "None" if value is None else f"{value:.4f}"
 
 
-def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True) -> TrainResult:
-    """Train (or resume) `cfg` in `run_dir` in this process group; see the module note."""
+def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
+          on_start: Callable[[int], None] | None = None) -> TrainResult:
+    """Train (or resume) `cfg` in `run_dir` in this process group; see the module note. `on_start(step)` is
+    called on rank 0 once the run has restored its newest checkpoint, with the step it resumes at (the
+    job layer records it in requeues.json)."""
     run_dir = Path(run_dir)
     previous = None
     if handle_signals and threading.current_thread() is threading.main_thread():
@@ -489,6 +494,8 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True) -> Trai
         try:
             trainer = Trainer(cfg, run_dir, info, log)
             trainer.restore()
+            if on_start is not None and info.rank == 0:
+                on_start(trainer.step)
             result = trainer.fit()
             trainer.close()
             return result

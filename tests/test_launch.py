@@ -147,7 +147,10 @@ def test_walltime_requeues_are_bounded(tmp_path):
     job = jobs.TrainJob(cfg, tmp_path)
     assert [job.interruption(cfg, {"SIGUSR2"}) for _ in range(3)] == [True, True, False]
     assert job.interruption(cfg, {"SIGTERM"}) is False  # scancel: never requeued
-    assert jobs.read_requeues(tmp_path) == {"walltime": 3, "preemption": 0, "cancel": 1}
+    record = jobs.read_requeues(tmp_path)
+    assert record["counts"] == dict(dict.fromkeys(jobs.KINDS, 0), walltime=3, cancel=1)
+    assert [(e["kind"], e["requeued"]) for e in record["interruptions"]] == [
+        ("walltime", "job"), ("walltime", "job"), ("walltime", "no"), ("cancel", "no")]
 
 
 @pytest.mark.timeout(300)
@@ -169,14 +172,25 @@ def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch,
     first = int(re.search(r"interrupted at step (\d+) \(SIGUSR2\)", out).group(1))
     assert f"resuming from {run}/checkpoints/step-{first:08d}.pt at step {first}/5000" in out, out[-3000:]
     assert "wall-time signal 2 times (slurm.max_walltime_requeues = 1): not requeued" in out, out[-3000:]
-    assert jobs.read_requeues(run) == {"walltime": 2, "preemption": 0, "cancel": 0}
     last = list_checkpoints(run)[-1][0]
     assert first < last < 5000
+    record = jobs.read_requeues(run)
+    assert record["counts"] == dict(dict.fromkeys(jobs.KINDS, 0), walltime=2)
+    # The second run of the job resumed where the signal stopped the first: no step trained twice.
+    one, two = record["interruptions"]
+    assert (one["saved_at"], one["stopped_at"], one["resumed_at"], one["redone"]) == (first, first, first, 0)
+    assert one["attempt"]["number"] == 0 and two["attempt"]["number"] == 1 and one["requeued"] == "job"
+    assert (two["saved_at"], two["requeued"], two["resumed_at"]) == (last, "no", None)
+    assert f"restart 1 after wall time: resumed at step {first}, 0 steps trained again" in out
 
     assert status.main([str(run)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"job +\d+ \(local\): not running", text), text
-    assert "wall time 2, preemption 0" in text and f"checkpoint step {last} of 5000" in text
+    assert "wall time 2, preemption 0, node failure 0, requeue by hand 0, scancel 0" in text, text
+    assert f"  1. wall time (SIGUSR2): stopped at step {first}, saved at step {first}; resumed at step {first}, " \
+           "0 steps redone" in text, text
+    assert f"  2. wall time (SIGUSR2): stopped at step {last}, saved at step {last}; not requeued" in text, text
+    assert f"checkpoint step {last} of 5000" in text
     assert f"last       interrupted at step {last}: SIGUSR2" in text
 
     code, out, err = run_main(capsys, str(REPO / "jobs" / "export.toml"), "--cluster", "debug",

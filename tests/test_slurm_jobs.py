@@ -25,7 +25,7 @@ import torch
 
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
-from amodal.jobs import read_requeues
+from amodal.jobs import KINDS, read_requeues
 from conftest import sh, wait_until
 
 pytestmark = pytest.mark.slurm
@@ -40,6 +40,7 @@ WALL_WORK_S = 65  # seconds of training at full speed for the wall-time job: mor
 PREEMPT_STEPS = 300  # enough that Slurm preempts the jobs before they finish, on a quiet machine too
 SMALL_STEPS = 30
 RESOURCES = ["--gpus-per-node", "0", "--cpus-per-task", "1"]
+NO_INTERRUPTIONS = dict.fromkeys(KINDS, 0)
 
 
 def tiny(shards: Path, steps: int) -> list[str]:
@@ -237,7 +238,7 @@ def test_preemption_with_and_without_grace_time(lab):
         runs = runs_of(job)
         # With a grace time the job requeued itself (sacct: REQUEUED); without one Slurm did (PREEMPTED).
         assert [r["State"] for r in runs] == ["REQUEUED" if grace else "PREEMPTED", "COMPLETED"], (runs, log[-3000:])
-        assert read_requeues(run) == {"walltime": 0, "preemption": 1, "cancel": 0}
+        assert read_requeues(run)["counts"] == dict(NO_INTERRUPTIONS, preemption=1)
         assert ("requeueing after preemption" if grace else "Slurm requeues the job") in log, log[-3000:]
         stopped = re.search(r"interrupted at step (\d+) \((.*?)\)", log)
         assert stopped and stopped.group(2) == ("SIGUSR2" if grace else "SIGTERM, SIGUSR2"), log[-3000:]
@@ -260,7 +261,7 @@ def test_scancel_ends_the_job_without_requeue(lab):
     assert [r["State"] for r in runs_of(job)] == ["CANCELLED"]
     log = job_log(run).read_text()
     assert "stopped by SIGTERM (scancel): not requeued" in log, log[-3000:]
-    assert read_requeues(run) == {"walltime": 0, "preemption": 0, "cancel": 1}
+    assert read_requeues(run)["counts"] == dict(NO_INTERRUPTIONS, cancel=1)
     stopped = int(re.search(r"interrupted at step (\d+) \(SIGTERM\)", log).group(1))
     step, path = list_checkpoints(run)[-1]
     state = load_checkpoint(path)  # torch.load(weights_only=True)
@@ -352,8 +353,8 @@ def test_walltime_requeues_and_resumes_bitwise(lab, background):
     assert len(runs) >= 2, (f"job {job} finished within its first 1-minute run: this machine is faster than the "
                             f"test measured; raise WALL_WORK_S ({WALL_WORK_S})")
     assert set(states[:-1]) == {"REQUEUED"} and states[-1] == "COMPLETED", runs
-    counts = read_requeues(run)
-    assert counts["walltime"] == len(runs) - 1 and counts["preemption"] == counts["cancel"] == 0, (counts, runs)
+    counts = read_requeues(run)["counts"]
+    assert counts == dict(NO_INTERRUPTIONS, walltime=len(runs) - 1), (counts, runs)
     log = job_log(run).read_text()
     assert "requeueing after the wall-time signal (walltime 1)" in log, log[-3000:]
     assert re.search(r"resuming from \S+step-\d+\.pt at step [1-9]\d*/", log), log[-3000:]

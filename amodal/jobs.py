@@ -201,13 +201,20 @@ class Job:
     def checkpoint(self):
         """Called by submitit's own USR2 handler, which is active only where ours is not (an export job,
         the first moments of a training job): requeue this same object, which starts again from its run
-        folder, unless the wall-time bound says no (None: submitit then ends the job)."""
-        cfg = from_dict(self.config, f"job config of {self.run_dir}")
-        return submitit.helpers.DelayedSubmission(self) if self.interruption(cfg, {"SIGUSR2"}) else None
+        folder, unless the wall-time bound says no (None: submitit then ends the job). When Slurm has
+        requeued the job already, exit: submitit's `scontrol requeue` would fail."""
+        # This run is over: Slurm's SIGTERM (now, or after the grace time) must kill neither this
+        # process nor the scontrol it starts, which would leave the interruption unread.
+        signals.ignore()
+        requeued = self.interruption(from_dict(self.config, f"job config of {self.run_dir}"), {"SIGUSR2"})
+        if requeued == "slurm":
+            sys.exit(EXIT_INTERRUPTED)
+        return submitit.helpers.DelayedSubmission(self) if requeued == "job" else None
 
-    def interruption(self, cfg: Config, signals: set[str], step: int | None = None) -> bool:
+    def interruption(self, cfg: Config, signals: set[str], step: int | None = None) -> str:
         """Rank 0, after a signal (and the save of `step`, if any): record the interruption in
-        requeues.json, say what happens next; whether to requeue ourselves."""
+        requeues.json and say what happens next. Returns who requeues the job: "job" (we must, now),
+        "slurm" (it did already) or "no"."""
         env = _job_environment()
         fields = scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
         by_slurm = slurm_requeued(fields)
@@ -225,17 +232,16 @@ class Job:
         count = record["counts"][kind] + 1
         limit = cfg.slurm.max_walltime_requeues
         ourselves = not by_slurm and (kind == "preemption" or (kind == "walltime" and count <= limit))
+        requeued = "job" if ourselves else "slurm" if by_slurm else "no"
         record["interruptions"].append({
             "kind": kind, "job_id": str(env.job_id) if env is not None else None, "attempt": record["attempt"],
-            "signals": sorted(signals), "saved_at": step, "stopped_at": step,
-            "requeued": "job" if ourselves else "slurm" if by_slurm else "no", "resumed_at": None, "redone": None,
-            "time": round(time.time(), 3)})
+            "signals": sorted(signals), "saved_at": step, "stopped_at": step, "requeued": requeued,
+            "resumed_at": None, "redone": None, "time": round(time.time(), 3)})
         _write_requeues(run_dir, record)
         if by_slurm:
             why = "preempted" if kind == "preemption" else "requeued by hand or a node failure"
-            print(f"Slurm is requeuing the job itself ({why}; SIGTERM with {', '.join(sorted(signals))}): it comes "
-                  f"back under the same job id" + (f" and resumes at step {step}" if step is not None else ""),
-                  flush=True)
+            print(f"Slurm is requeuing the job itself ({why}; {', '.join(sorted(signals))}): it comes back under "
+                  f"the same job id" + (f" and resumes at step {step}" if step is not None else ""), flush=True)
         elif kind == "cancel":
             print("stopped by SIGTERM (scancel): not requeued", flush=True)
         elif not ourselves:
@@ -243,7 +249,7 @@ class Job:
         else:
             print(f"requeueing after {'the wall-time signal' if kind == 'walltime' else 'preemption'} "
                   f"({kind} {count})", flush=True)
-        return ourselves
+        return requeued
 
 
 class TrainJob(Job):
@@ -267,7 +273,7 @@ class TrainJob(Job):
     def after_interruption(self, cfg: Config, signals: set[str], step: int) -> None:
         """After the loop saved `step` and returned on a signal: requeue when that is ours to do, then exit."""
         env = _job_environment()
-        if env is not None and env.global_rank == 0 and self.interruption(cfg, signals, step):
+        if env is not None and env.global_rank == 0 and self.interruption(cfg, signals, step) == "job":
             try:
                 requeue(env)
             except (OSError, subprocess.SubprocessError) as e:

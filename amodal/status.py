@@ -74,20 +74,31 @@ def _ago(record: dict) -> str:
 
 
 def requeue_lines(record: dict) -> list[str]:
-    """The interruptions of requeues.json: a count of each kind, then one line each."""
-    counts = record["counts"]
+    """The interruptions of requeues.json: a count of each kind, then one line each (the steps only
+    for training jobs)."""
+    counts, now = record["counts"], record["attempt"]
     shown = [k for k in KINDS if k != "unknown" or counts[k]]
     lines = [f"requeues   {', '.join(f'{KINDS[k]} {counts[k]}' for k in shown)} (requeues.json)"]
     for i, e in enumerate(record["interruptions"], 1):
-        signals = ", ".join(e["signals"]) or "no signal"
-        saved = f"saved at step {e['saved_at']}" if e["saved_at"] is not None else "nothing saved on a signal"
-        stopped = f"stopped at step {e['stopped_at']}" if e["stopped_at"] is not None else "stopped at step ?"
-        if e["resumed_at"] is not None:
-            redone = "?" if e["redone"] is None else e["redone"]
-            after = f"resumed at step {e['resumed_at']}, {redone} steps redone"
+        steps = []
+        if e["stopped_at"] is not None:
+            steps.append(f"stopped at step {e['stopped_at']}")
+        if e["saved_at"] is not None:
+            steps.append(f"saved at step {e['saved_at']}")
+        elif steps:
+            steps.append("nothing saved on a signal")
+        back = (now is not None and e["attempt"] is not None and now["job_id"] == e["attempt"]["job_id"]
+                and now["number"] > e["attempt"]["number"])
+        if e["requeued"] == "no":
+            after = "not requeued"
+        elif e["resumed_at"] is not None:
+            after = f"resumed at step {e['resumed_at']}, {'?' if e['redone'] is None else e['redone']} steps redone"
+        elif back:
+            after = "started again"
         else:
-            after = "not requeued" if e["requeued"] == "no" else "not resumed yet"
-        lines.append(f"  {i}. {KINDS[e['kind']]} ({signals}): {stopped}, {saved}; {after}")
+            after = f"requeued by {'the job' if e['requeued'] == 'job' else 'Slurm'}, not started again yet"
+        signals = ", ".join(e["signals"]) or "no signal"
+        lines.append(f"  {i}. {KINDS[e['kind']]} ({signals}): " + (", ".join(steps) + "; " if steps else "") + after)
     return lines
 
 
@@ -107,6 +118,7 @@ def describe(run_dir: Path) -> str:
             path = run_dir / name
             made = f"{path.stat().st_size} bytes, {time.time() - path.stat().st_mtime:.0f} s ago" if path.exists() else ""
             lines.append(f"output     {path}: {made or 'not yet'}")
+        lines += requeue_lines(read_requeues(run_dir))
         if job is not None:
             lines.append(f"log        {job['log']}")
         return "\n".join(lines)

@@ -152,13 +152,31 @@ class Tracker:
             print(f"warning: wandb {what} failed ({type(e).__name__}: {e}); tracking stops here, "
                   f"metrics.jsonl keeps the record", file=sys.stderr, flush=True)
             self.run, self.mode = None, "failed"
+            self._teardown()
+
+    @staticmethod
+    def _teardown() -> None:
+        """Let go of wandb's service process now, not in wandb's exit hook: by the time the process
+        ends, Slurm's SIGTERM (sent to every process of a job it requeues or preempts) may have killed
+        the service, and the hook would print a traceback (ConnectionResetError) into the job's log.
+        wandb.teardown takes that hook down first; if the service is gone it then fails here, ignored."""
+        import wandb
+
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the service is gone; there is nothing left to close
+            pass
 
     def log(self, metrics: dict, step: int) -> None:
         self._call("log", metrics, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
         self._call("finish", exit_code=exit_code)
-        self.run = None
+        if self.run is not None:  # finished (a failed call has let go of wandb already)
+            self.run = None
+            self._teardown()
 
 
 def start_tracking(cfg, run_dir: str | Path, run_id: str | None, is_main: bool = True) -> Tracker:

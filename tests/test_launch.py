@@ -145,8 +145,8 @@ def test_slurm_without_sbatch_is_an_error(tmp_path, monkeypatch, capsys):
 def test_walltime_requeues_are_bounded(tmp_path):
     cfg = load_config(SMOKE, ["slurm.max_walltime_requeues=2"])
     job = jobs.TrainJob(cfg, tmp_path)
-    assert [job.interruption(cfg, {"SIGUSR2"}) for _ in range(3)] == [True, True, False]
-    assert job.interruption(cfg, {"SIGTERM"}) is False  # scancel: never requeued
+    assert [job.interruption(cfg, {"SIGUSR2"}) for _ in range(3)] == ["job", "job", "no"]
+    assert job.interruption(cfg, {"SIGTERM"}) == "no"  # scancel: never requeued
     record = jobs.read_requeues(tmp_path)
     assert record["counts"] == dict(dict.fromkeys(jobs.KINDS, 0), walltime=3, cancel=1)
     assert [(e["kind"], e["requeued"]) for e in record["interruptions"]] == [

@@ -47,11 +47,12 @@ def framed_samples(n: int, prefix: str = "train", seed: int = 0, frame=(200, 160
             for i in range(n)]
 
 
-def tiny_unet_run(run, data_root: str | None = None) -> torch.nn.Module:
-    """Make `run` a run folder whose best.pt is a 4-channel U-Net (seed 0, input 64) in the trainer's
-    checkpoint format; returns the model in eval mode."""
-    cfg = Config(model=ModelConfig(name="unet", base_channels=4))
-    cfg.data.input_size = 64
+def tiny_unet_run(run, data_root: str | None = None, model: ModelConfig | None = None,
+                  input_size: int = 64) -> torch.nn.Module:
+    """Make `run` a run folder whose best.pt is a 4-channel U-Net (or `model`; seed 0, input 64) in the
+    trainer's checkpoint format; returns the model in eval mode."""
+    cfg = Config(model=model or ModelConfig(name="unet", base_channels=4))
+    cfg.data.input_size = input_size
     if data_root is not None:
         cfg.data.root = data_root
     torch.manual_seed(0)

@@ -1,12 +1,14 @@
-"""The launcher's jobs on the project's real two-node Slurm cluster (slurm/local-cluster.sh), issue 5:
-wall time, preemption with and without a grace time, scancel, DDP over two nodes and on one node, a
-sweep as one job array, and retrain -> export -> leaderboard-file check.
+"""The launcher's jobs on the project's real two-node Slurm cluster (slurm/local-cluster.sh), issues 5
+and 11: preemption with and without a grace time, twice in one job, with every real part on (a ResNet
+U-Net, a loader worker, wandb offline) and of an export job; wall time, scancel, a node failure, DDP over
+two nodes and on one node, a sweep as one job array, and retrain -> export -> leaderboard-file check.
 
 They never skip: a stopped cluster is a failure that says how to start it. They change the partitions'
-GraceTime for a moment and take node n1 with a high-priority job, so run them alone (not next to
-tests/test_cluster.py). To save time the slow jobs run side by side: the wall-time job and the
-uninterrupted reference runs start when the module does (fixture `background`) and are checked last;
-the wall-time job and the scancel job stay on n2 (--exclude n1), the preempted jobs on n1.
+GraceTime for a moment, take node n1 with a high-priority job and set a node DOWN, so run them alone
+(not next to tests/test_cluster.py). To save time the slow jobs run side by side: the wall-time job and
+the uninterrupted reference runs start when the module does (fixture `background`) and are checked
+late; the wall-time job and the scancel job stay on n2 (--exclude n1), the preempted jobs on n1, and
+the node failure comes last, on a quiet cluster.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
 from amodal.jobs import KINDS, read_requeues
+from amodal.tracking import read_last_step
 from conftest import sh, wait_until
 
 pytestmark = pytest.mark.slurm
@@ -37,7 +41,7 @@ SMOKE = str(REPO / "jobs" / "smoke.toml")
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 WALL_WORK_S = 65  # seconds of training at full speed for the wall-time job: more than a run of a 1-minute job
-PREEMPT_STEPS = 300  # enough that Slurm preempts the jobs before they finish, on a quiet machine too
+REAL_STEPS = 60  # the jobs with every real part on: more than their three runs' few steps each
 SMALL_STEPS = 30
 RESOURCES = ["--gpus-per-node", "0", "--cpus-per-task", "1"]
 NO_INTERRUPTIONS = dict.fromkeys(KINDS, 0)
@@ -51,13 +55,23 @@ def tiny(shards: Path, steps: int) -> list[str]:
     return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 
+def real_parts(shards: Path, steps: int) -> list[str]:
+    """--set overrides that make jobs/smoke.toml what a user runs, at a test's size: a ResNet-18 U-Net
+    (32x32 input), a loader worker, wandb offline, validation and periodic checkpoints."""
+    sets = {"data.root": shards, "data.make_synthetic": "false", "model.name": "resnet_unet",
+            "model.encoder_depth": 18, "data.input_size": 32, "train.global_batch": 4, "data.num_workers": 1,
+            "tracking.wandb": "offline", "train.val_every": 20, "train.steps": steps, "checkpoint.every_steps": 20,
+            "train.log_every": 5}
+    return [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+
 class Lab:
     """A work folder on the cluster's shared file system (this machine), the launcher, and waiting."""
 
     def __init__(self, root: Path, shards: Path):
         self.root, self.shards = root, shards
         self.jobs: list[str] = []
-        self.references: dict[int, subprocess.Popen] = {}
+        self.references: dict[str, subprocess.Popen] = {}
 
     def launch(self, *args: str) -> tuple[list[str], str]:
         """python -m amodal.launch ARGS in the work folder: (job ids, output)."""
@@ -73,17 +87,22 @@ class Lab:
         ids, _ = self.launch(SMOKE, "--name", name, *RESOURCES, *tiny(self.shards, steps), *args)
         return ids[0], self.root / "runs" / name
 
-    def start_reference(self, steps: int) -> None:
-        """The same recipe, uninterrupted, in a plain process outside Slurm."""
-        run = self.root / f"reference-{steps}"
-        self.references[steps] = subprocess.Popen(
-            [sys.executable, "-m", "amodal.train", SMOKE, "--run-dir", str(run), *tiny(self.shards, steps)],
-            cwd=self.root, env=ENV, stdout=open(self.root / f"reference-{steps}.log", "w"), stderr=subprocess.STDOUT)
+    def train_real(self, name: str, *args: str) -> tuple[str, Path]:
+        ids, _ = self.launch(SMOKE, "--name", name, *RESOURCES, *real_parts(self.shards, REAL_STEPS), *args)
+        return ids[0], self.root / "runs" / name
 
-    def reference_weights(self, steps: int) -> dict:
-        proc = self.references[steps]
-        assert proc.wait(timeout=600) == 0, (self.root / f"reference-{steps}.log").read_text()[-3000:]
-        return final_weights(self.root / f"reference-{steps}", steps)
+    def start_reference(self, name: str, sets: list[str]) -> Path:
+        """The same recipe, uninterrupted, in a plain process outside Slurm."""
+        run = self.root / f"reference-{name}"
+        self.references[name] = subprocess.Popen(
+            [sys.executable, "-m", "amodal.train", SMOKE, "--run-dir", str(run), *sets],
+            cwd=self.root, env=ENV, stdout=open(self.root / f"reference-{name}.log", "w"), stderr=subprocess.STDOUT)
+        return run
+
+    def reference_weights(self, name: str, steps: int) -> dict:
+        proc = self.references[name]
+        assert proc.wait(timeout=600) == 0, (self.root / f"reference-{name}.log").read_text()[-3000:]
+        return final_weights(self.root / f"reference-{name}", steps)
 
 
 def final_state(job: str) -> str | None:
@@ -189,16 +208,16 @@ def background(lab) -> dict:
     A 1-minute limit with USR2 5 s before it: Slurm's controller looks every 30 s and sends the signal
     at the first look within delay + 30 s of the limit, i.e. 25-55 s after the start. The job must have
     more work than that even when it runs alone on a fast machine, so its step count comes from the
-    speed of the preemption test's reference run, measured here: WALL_WORK_S seconds of its steps.
+    speed of a short run of the same recipe, measured here: WALL_WORK_S seconds of its steps.
     """
-    lab.start_reference(PREEMPT_STEPS)
-    log = lab.root / f"reference-{PREEMPT_STEPS}"
-    first, second = wait_until("the reference run's first steps", lambda: events(log, "train")[1:] and
-                               events(log, "train")[:2], 180)  # the second window: warm
+    lab.start_reference("real", real_parts(lab.shards, REAL_STEPS))  # for the preemption and node-failure jobs
+    probe = lab.start_reference("probe", tiny(lab.shards, SMALL_STEPS))
+    first, second = wait_until("the probe run's first steps", lambda: events(probe, "train")[1:] and
+                               events(probe, "train")[:2], 180)  # the second window: warm
     seconds_per_step = second["seconds"] / (second["step"] - first["step"])
     wall_steps = max(200, round(WALL_WORK_S / seconds_per_step))
-    print(f"\nreference: {seconds_per_step:.3f} s/step; the wall-time job trains {wall_steps} steps")
-    lab.start_reference(wall_steps)
+    print(f"\nprobe: {seconds_per_step:.3f} s/step; the wall-time job trains {wall_steps} steps")
+    lab.start_reference("walltime", tiny(lab.shards, wall_steps))
     job, run = lab.train("walltime", wall_steps, "--hours", str(1 / 60), "--set", "slurm.signal_delay_s=5",
                          "--exclude", "n1")
     return {"walltime": (job, run, wall_steps)}
@@ -208,45 +227,123 @@ def background(lab) -> dict:
 # Tests
 
 
-@pytest.mark.timeout(420)
-def test_preemption_with_and_without_grace_time(lab):
-    """Both jobs on n1: `cpu` with GraceTime=30 (USR2 first: the job saves and requeues itself), `gpu`
-    with GraceTime=0 (USR2 and SIGTERM together: the job saves within KillWait and Slurm requeues it).
-    A high-priority job takes n1; both come back under their job ids and end with the weights of an
-    uninterrupted run."""
+def take_n1(lab: Lab, name: str) -> str:
+    """A high-priority job that takes node n1 for 5 s: Slurm preempts whatever runs there."""
+    job = sh("sbatch", "--parsable", "-p", "high", "-w", "n1", "--exclusive", "-J", name,
+             "-o", str(lab.root / f"{name}.out"), "--wrap", "sleep 5").strip()
+    lab.jobs.append(job)
+    return job
+
+
+def trained(run: Path, steps: int):
+    """Whether the job's current run has trained `steps` steps since it started (its last start event)."""
+    starts, last = events(run, "start"), read_last_step(run)
+    return bool(starts) and last is not None and last >= starts[-1]["step"] + steps
+
+
+def assert_no_work_lost(entry: dict, kind: str, signals: list[str], requeued: str) -> int:
+    """An interruption that saved the step it was signalled at and resumed there; returns that step."""
+    assert (entry["kind"], entry["signals"], entry["requeued"]) == (kind, signals, requeued), entry
+    assert entry["saved_at"] == entry["stopped_at"] == entry["resumed_at"] and entry["redone"] == 0, entry
+    return entry["saved_at"]
+
+
+def assert_clean_log(run: Path, log: str) -> None:
+    """No error event, no traceback, no misleading requeue line; one wandb run across the restarts."""
+    assert not events(run, "error"), events(run, "error")
+    assert "Traceback" not in log and "requeue failed" not in log, log[-5000:]
+    ids = {e["wandb_run_id"] for e in events(run, "start")}
+    assert len(ids) == 1 and None not in ids, ids
+
+
+@pytest.mark.timeout(600)
+def test_preempted_twice_with_and_without_grace_time_every_real_part_on(lab):
+    """Issue 11's scenario: a ResNet-18 U-Net job with a loader worker and wandb offline, on partition
+    gpu and node n1, preempted twice by a high-priority job that takes n1: with GraceTime 30 (USR2: it
+    saves and requeues itself), then with GraceTime 0 (USR2 and SIGTERM together, to every process of
+    the step, wandb's service too: it saves within KillWait and Slurm requeues it). Each time it resumes
+    at the step it was stopped at, and it ends with the uninterrupted run's weights.
+
+    An export job beside it on n1 is preempted by the first high job too (submitit's USR2 handler): it
+    starts again and writes the same leaderboard file as an uninterrupted export of the same model."""
+    from amodal.config import ModelConfig
+    from amodal.submission import read_submission
+    from conftest import tiny_unet_run
+
+    # The model to export: a ResNet-18 U-Net at 128x128 (as initialised), 64 images with flip TTA one by
+    # one, so that the export is still predicting when the high job comes.
+    for name in ("model", "model-uninterrupted"):
+        tiny_unet_run(lab.root / "runs" / name, str(lab.shards), ModelConfig(name="resnet_unet", encoder_depth=18),
+                      input_size=128)
+    export_sets = ["--set", "export.split=train", "--set", "export.batch_size=1", "--set", "export.tta_flip=true"]
     old = {p: grace_time(p) for p in ("cpu", "gpu")}
     try:
         sh("bash", str(SCRIPT), "set-grace", "30")
+        job, run = lab.train_real("preempted", "--partition", "gpu", "--exclude", "n2")
+        (export,), _ = lab.launch(str(REPO / "jobs" / "export.toml"), *RESOURCES, "--partition", "gpu",
+                                  "--exclude", "n2", "--set", "export.checkpoint=runs/model", *export_sets)
+        export_run = lab.root / "runs" / "model" / "export"
+        wait_until(f"job {job} to train", lambda: trained(run, 3), 240, log=job_log(run))
+        # config.json is written once the model and the data are loaded, just before predicting.
+        wait_until(f"export job {export} to predict", lambda: (export_run / "config.json").exists(), 180,
+                   log=job_log(export_run))
+        high = [take_n1(lab, "take-n1-grace30")]
+
+        # Meanwhile, the same export uninterrupted, in a plain process.
+        uninterrupted = subprocess.Popen(
+            [sys.executable, "-m", "amodal.launch", str(REPO / "jobs" / "export.toml"), "--cluster", "debug",
+             "--set", "export.checkpoint=runs/model-uninterrupted", *export_sets],
+            cwd=lab.root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(f"job {job} to resume and train", lambda: len(events(run, "start")) == 2 and trained(run, 3),
+                   240, log=job_log(run))
         sh("scontrol", "update", "PartitionName=gpu", "GraceTime=0")
-        jobs = {grace: lab.train(f"preempt-grace{grace}", PREEMPT_STEPS, "--partition", partition, "--exclude", "n2")
-                for grace, partition in ((30, "cpu"), (0, "gpu"))}
-        for job, run in jobs.values():
-            wait_until(f"job {job} to train", lambda: any(e["step"] >= 10 for e in events(run, "train")), 180,
-                       log=job_log(run))
-        high = sh("sbatch", "--parsable", "-p", "high", "-w", "n1", "--exclusive", "-J", "take-n1",
-                  "-o", str(lab.root / "high.out"), "--wrap", "sleep 5").strip()
-        lab.jobs.append(high)
-        for job, run in jobs.values():
-            assert wait_done(job, run, 300) == "COMPLETED"
+        high.append(take_n1(lab, "take-n1-grace0"))
+        assert wait_done(job, run, 300) == "COMPLETED"
+        assert wait_done(export, export_run, 240) == "COMPLETED"
     finally:
         sh("scontrol", "update", "PartitionName=cpu", f"GraceTime={old['cpu']}", check=False)
         sh("scontrol", "update", "PartitionName=gpu", f"GraceTime={old['gpu']}", check=False)
-    assert final_state(high) == "COMPLETED"
-    reference = lab.reference_weights(PREEMPT_STEPS)
-    for grace, (job, run) in jobs.items():
-        log = job_log(run).read_text()
-        runs = runs_of(job)
-        # With a grace time the job requeued itself (sacct: REQUEUED); without one Slurm did (PREEMPTED).
-        assert [r["State"] for r in runs] == ["REQUEUED" if grace else "PREEMPTED", "COMPLETED"], (runs, log[-3000:])
-        assert read_requeues(run)["counts"] == dict(NO_INTERRUPTIONS, preemption=1)
-        assert ("requeueing after preemption" if grace else "Slurm requeues the job") in log, log[-3000:]
-        stopped = re.search(r"interrupted at step (\d+) \((.*?)\)", log)
-        assert stopped and stopped.group(2) == ("SIGUSR2" if grace else "SIGTERM, SIGUSR2"), log[-3000:]
-        assert f"resuming from {run}/checkpoints/step-{int(stopped.group(1)):08d}.pt" in log
-        held = runs[1]["Start"] - runs[0]["End"]
-        print(f"grace {grace}: stopped at step {stopped.group(1)}, started again {held:.0f} s after the requeue")
-        assert cred_expire() - 2 <= held <= cred_expire() + 40, runs
-        assert_same_weights(final_weights(run, PREEMPT_STEPS), reference, f"job {job} (GraceTime={grace})")
+    assert [final_state(h) for h in high] == ["COMPLETED", "COMPLETED"]
+
+    # The training job: requeued by itself (sacct: REQUEUED), then by Slurm (PREEMPTED).
+    log = job_log(run).read_text()
+    runs = runs_of(job)
+    assert [r["State"] for r in runs] == ["REQUEUED", "PREEMPTED", "COMPLETED"], (runs, log[-3000:])
+    record = read_requeues(run)
+    assert record["counts"] == dict(NO_INTERRUPTIONS, preemption=2), record
+    first, second = record["interruptions"]
+    one = assert_no_work_lost(first, "preemption", ["SIGUSR2"], "job")
+    two = assert_no_work_lost(second, "preemption", ["SIGTERM", "SIGUSR2"], "slurm")
+    assert "requeueing after preemption (preemption 1)" in log, log[-3000:]
+    assert "Slurm is requeuing the job itself (preempted; SIGTERM, SIGUSR2)" in log, log[-3000:]
+    for step in (one, two):
+        assert f"resuming from {run}/checkpoints/step-{step:08d}.pt at step {step}/" in log, log[-3000:]
+    assert [e["step"] for e in events(run, "start")] == [0, one, two]
+    assert_clean_log(run, log)
+    gaps = [b["Start"] - a["End"] for a, b in zip(runs, runs[1:])]
+    print(f"preempted at steps {one} (GraceTime 30) and {two} (GraceTime 0); started again after {gaps} s")
+    assert all(cred_expire() - 2 <= g <= cred_expire() + 40 for g in gaps), runs
+    out = subprocess.run([sys.executable, "-m", "amodal.status", str(run)], capture_output=True, text=True, env=ENV,
+                         timeout=120).stdout
+    assert "wall time 0, preemption 2, node failure 0, requeue by hand 0, scancel 0" in out, out
+    assert f"  2. preemption (SIGTERM, SIGUSR2): stopped at step {two}, saved at step {two}; resumed at step {two}, " \
+           "0 steps redone" in out, out
+    assert_same_weights(final_weights(run, REAL_STEPS), lab.reference_weights("real", REAL_STEPS), f"job {job}")
+
+    # The export job: requeued on USR2, started again, and the same leaderboard file. When it is still
+    # predicting at the second preemption (a slow machine), that one is Slurm's requeue.
+    export_states = [r["State"] for r in runs_of(export)]
+    export_log = job_log(export_run).read_text()
+    assert export_states[0] == "REQUEUED" and export_states[-1] == "COMPLETED", (export_states, export_log[-3000:])
+    assert export_states[1:-1] in ([], ["PREEMPTED"]), export_states
+    assert "requeueing after preemption (preemption 1)" in export_log, export_log[-3000:]
+    assert read_requeues(export_run)["counts"] == dict(NO_INTERRUPTIONS, preemption=len(export_states) - 1)
+    assert "Traceback" not in export_log, export_log[-3000:]
+    out, _ = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, out
+    keys, labels = read_submission(export_run / "test.lmdb.tar.gz")
+    same_keys, same_labels = read_submission(lab.root / "runs" / "model-uninterrupted" / "export" / "test.lmdb.tar.gz")
+    assert keys == same_keys and len(keys) == 64 and np.array_equal(labels, same_labels)
 
 
 @pytest.mark.timeout(300)
@@ -367,4 +464,38 @@ def test_walltime_requeues_and_resumes_bitwise(lab, background):
                          timeout=120).stdout
     assert f"job        {job} on Slurm: COMPLETED" in out and f"wall time {counts['walltime']}, preemption 0" in out
     assert f"checkpoint step {steps} of {steps}" in out and "last       done" in out
-    assert_same_weights(final_weights(run, steps), lab.reference_weights(steps), f"job {job}")
+    assert_same_weights(final_weights(run, steps), lab.reference_weights("walltime", steps), f"job {job}")
+
+
+@pytest.mark.timeout(420)
+def test_node_failure_requeues_the_job_on_the_other_node(lab):
+    """The job's node goes DOWN (scontrol): Slurm requeues the job (sacct: NODE_FAIL) and signals it with
+    SIGTERM; the job saves the step it is at, and comes back on the other node, there resumes at that step,
+    and ends with the uninterrupted run's weights. Its next start reads from Slurm's accounting that it
+    was a node failure. Last in the file: the cluster is quiet, so the job starts on the first node.
+
+    With ReturnToService=2 a node set DOWN whose slurmd still answers is back in service at once, so the
+    node is also drained, as an administrator keeps a failed node out until it is repaired."""
+    job, run = lab.train_real("node-failure")
+    wait_until(f"job {job} to train", lambda: trained(run, 3), 240, log=job_log(run))
+    node = runs_of(job)[-1]["NodeList"]
+    other = {"n1": "n2", "n2": "n1"}[node]
+    try:
+        sh("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=amodal-test-node-failure")
+        sh("scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=amodal-test-node-failure")
+        wait_until(f"job {job} to start on {other}",
+                   lambda: sh("squeue", "-h", "-j", job, "-t", "R", "-o", "%N", check=False).strip() == other, 180,
+                   log=job_log(run))
+    finally:
+        sh("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+    assert wait_done(job, run, 300) == "COMPLETED"
+    log = job_log(run).read_text()
+    runs = runs_of(job)
+    assert [(r["State"], r["NodeList"]) for r in runs] == [("NODE_FAIL", node), ("COMPLETED", other)], runs
+    record = read_requeues(run)
+    assert record["counts"] == dict(NO_INTERRUPTIONS, node_failure=1), record
+    step = assert_no_work_lost(record["interruptions"][0], "node_failure", ["SIGTERM"], "slurm")
+    assert "Slurm is requeuing the job itself (requeued by hand or a node failure" in log, log[-3000:]
+    assert f"restart 1 after node failure: resumed at step {step}, 0 steps trained again" in log, log[-3000:]
+    assert_clean_log(run, log)
+    assert_same_weights(final_weights(run, REAL_STEPS), lab.reference_weights("real", REAL_STEPS), f"job {job}")

@@ -75,12 +75,16 @@ def read_requeues(run_dir: str | Path) -> dict:
     except (FileNotFoundError, json.JSONDecodeError):
         saved = {}
     record.update({k: saved[k] for k in record if k in saved})
+    return _counted(record)
+
+
+def _counted(record: dict) -> dict:
     record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
     return record
 
 
 def _write_requeues(run_dir: Path, record: dict) -> None:
-    record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
+    _counted(record)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / REQUEUES_FILE, json.dumps(record, indent=1) + "\n")
 

@@ -142,11 +142,18 @@ def _job_environment():
         return None
 
 
+def slurm_command(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run scontrol or sacct so that it ignores SIGTERM (`trap '' TERM` survives the exec): Slurm sends
+    SIGTERM to every process of a job it requeues or preempts, and a command started then, or the
+    `scontrol requeue` that causes it, would be killed before it answers."""
+    return subprocess.run(["sh", "-c", 'trap "" TERM; exec "$@"', "sh", *args], capture_output=True, text=True,
+                          timeout=30, check=check)
+
+
 def scontrol_job(job_id: str) -> dict:
     """`scontrol show job` as a dict of its fields ({} when Slurm does not answer)."""
     try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
-                             timeout=30).stdout
+        out = slurm_command("scontrol", "-o", "show", "job", str(job_id)).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     return dict(token.split("=", 1) for token in out.split() if "=" in token)
@@ -156,8 +163,7 @@ def sacct_requeue_kind(job_id: str) -> str | None:
     """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
     when accounting does not answer or gives no such state."""
     try:
-        out = subprocess.run(["sacct", "-n", "-D", "-X", "-P", "-j", str(job_id), "-o", "State"],
-                             capture_output=True, text=True, timeout=30).stdout
+        out = slurm_command("sacct", "-n", "-D", "-X", "-P", "-j", str(job_id), "-o", "State").stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     ended = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] not in ("RUNNING", "PENDING")]
@@ -181,7 +187,7 @@ def requeue(env) -> None:
     """Requeue this job under its own id: `scontrol requeue` on Slurm; with submitit's local executor,
     the exit status its controller answers by starting the tasks again."""
     if env.cluster == "slurm":
-        subprocess.run(["scontrol", "requeue", str(env.job_id)], check=True, timeout=60)
+        slurm_command("scontrol", "requeue", str(env.job_id), check=True)
     else:
         sys.exit(LOCAL_REQUEUE_RETURN_CODE)
 
@@ -204,16 +210,16 @@ class Job:
 
     def checkpoint(self):
         """Called by submitit's own USR2 handler, which is active only where ours is not (an export job,
-        the first moments of a training job): requeue this same object, which starts again from its run
-        folder, unless the wall-time bound says no (None: submitit then ends the job). When Slurm has
-        requeued the job already, exit: submitit's `scontrol requeue` would fail."""
-        # This run is over: Slurm's SIGTERM (now, or after the grace time) must kill neither this
-        # process nor the scontrol it starts, which would leave the interruption unread.
-        signals.ignore()
+        the first moments of a training job). The job starts again from its run folder, so nothing is
+        saved here: requeue the job (ourselves, as a training job does: see slurm_command) unless Slurm
+        has already, and exit; or, when the wall-time bound says no, return None: submitit then ends
+        the job. (submitit's SIGTERM handler only logs, so SIGTERM does not end us meanwhile.)"""
         requeued = self.interruption(from_dict(self.config, f"job config of {self.run_dir}"), {"SIGUSR2"})
-        if requeued == "slurm":
+        if requeued == "job":
+            requeue(_job_environment())
+        if requeued != "no":
             sys.exit(EXIT_INTERRUPTED)
-        return submitit.helpers.DelayedSubmission(self) if requeued == "job" else None
+        return None
 
     def interruption(self, cfg: Config, signals: set[str], step: int | None = None) -> str:
         """Rank 0, after a signal (and the save of `step`, if any): record the interruption in
@@ -281,11 +287,7 @@ class TrainJob(Job):
             try:
                 requeue(env)
             except (OSError, subprocess.SubprocessError) as e:
-                # `scontrol requeue` can be ended by the very SIGTERM of the requeue it asked for.
-                if env.cluster == "slurm" and slurm_requeued(scontrol_job(env.job_id)):
-                    print(f"Slurm has requeued the job (scontrol requeue ended with: {e})", flush=True)
-                else:
-                    print(f"requeue failed: {e}", flush=True)
+                print(f"requeue failed: {e}", flush=True)
         sys.exit(EXIT_INTERRUPTED)
 
 

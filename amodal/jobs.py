@@ -89,11 +89,12 @@ def _write_requeues(run_dir: Path, record: dict) -> None:
     write_text_atomic(run_dir / REQUEUES_FILE, json.dumps(record, indent=1) + "\n")
 
 
-def record_start(run_dir: Path, job_id: str) -> dict | None:
+def record_start(run_dir: Path, job_id: str, on_slurm: bool) -> dict | None:
     """Rank 0, as a job's run starts: when it is the same job started again, complete the record of the
     interruption that ended its previous run, or write one if that run left none (killed before it
     could act on a signal: a node failure, a preemption past KillWait). Slurm's accounting says why
-    Slurm requeued a job; it is read now, when the ended run's row is final. Returns that entry."""
+    Slurm ended the run; it is read now, when the ended run's row is final, and wins over what the run
+    saw, except for our own requeues (sacct: REQUEUED). Returns that entry."""
     record = read_requeues(run_dir)
     previous = record["attempt"]
     same_job = previous is not None and previous["job_id"] == job_id
@@ -108,8 +109,9 @@ def record_start(run_dir: Path, job_id: str) -> dict | None:
                      "stopped_at": None, "requeued": "slurm", "resumed_at": None, "redone": None,
                      "time": round(time.time(), 3)}
             record["interruptions"].append(entry)
-        if entry["requeued"] == "slurm":
-            entry["kind"] = sacct_requeue_kind(job_id) or entry["kind"]
+        slurm_kind = sacct_requeue_kind(job_id) if on_slurm else None
+        if slurm_kind is not None and not (slurm_kind == "requeue" and entry["requeued"] == "job"):
+            entry["kind"] = slurm_kind
         last_step = read_last_step(run_dir)
         if last_step is not None:
             entry["stopped_at"] = last_step
@@ -192,6 +194,18 @@ def requeue(env) -> None:
         sys.exit(LOCAL_REQUEUE_RETURN_CODE)
 
 
+def requeue_now(env) -> None:
+    """requeue(env), and if that fails, say whether Slurm has requeued the job meanwhile (then it comes
+    back all the same) rather than only that the requeue failed."""
+    try:
+        requeue(env)
+    except (OSError, subprocess.SubprocessError) as e:
+        if env.cluster == "slurm" and slurm_requeued(scontrol_job(env.job_id)):
+            print(f"Slurm has requeued the job itself meanwhile (our scontrol requeue: {e})", flush=True)
+        else:
+            print(f"requeue failed: {e}", flush=True)
+
+
 class Job:
     """Base of the submitted jobs: the resolved config (as a dict) and the run folder, nothing else."""
 
@@ -202,7 +216,7 @@ class Job:
     def __call__(self):
         env = _job_environment()
         if env is not None and env.global_rank == 0:
-            record_start(Path(self.run_dir), str(env.job_id))
+            record_start(Path(self.run_dir), str(env.job_id), env.cluster == "slurm")
         return self.run(from_dict(self.config, f"job config of {self.run_dir}"), Path(self.run_dir))
 
     def run(self, cfg: Config, run_dir: Path):
@@ -216,7 +230,7 @@ class Job:
         the job. (submitit's SIGTERM handler only logs, so SIGTERM does not end us meanwhile.)"""
         requeued = self.interruption(from_dict(self.config, f"job config of {self.run_dir}"), {"SIGUSR2"})
         if requeued == "job":
-            requeue(_job_environment())
+            requeue_now(_job_environment())
         if requeued != "no":
             sys.exit(EXIT_INTERRUPTED)
         return None
@@ -227,6 +241,11 @@ class Job:
         "slurm" (it did already) or "no"."""
         env = _job_environment()
         fields = scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
+        if fields and not slurm_requeued(fields) and not slurm_preempting(fields):
+            # Slurm's record can lag its signals by a moment (seen with GraceTime 0 in an export job,
+            # which reads it at once): look again before calling it the wall-time signal or scancel.
+            time.sleep(2)
+            fields = scontrol_job(env.job_id)
         by_slurm = slurm_requeued(fields)
         if by_slurm:
             # Which of the three sacct tells at the next start; USR2 with the SIGTERM means preemption.
@@ -284,10 +303,7 @@ class TrainJob(Job):
         """After the loop saved `step` and returned on a signal: requeue when that is ours to do, then exit."""
         env = _job_environment()
         if env is not None and env.global_rank == 0 and self.interruption(cfg, signals, step) == "job":
-            try:
-                requeue(env)
-            except (OSError, subprocess.SubprocessError) as e:
-                print(f"requeue failed: {e}", flush=True)
+            requeue_now(env)
         sys.exit(EXIT_INTERRUPTED)
 
 

@@ -156,22 +156,22 @@ def test_walltime_requeues_are_bounded(tmp_path):
 def test_a_run_killed_without_a_word_is_counted_at_the_next_start(tmp_path):
     """A run that could not act on a signal (SIGKILL, a node lost) leaves no entry; the next start of the
     same job writes it: what the ended run trained (<run>/last_step), where the new one resumed, the
-    steps trained twice. Slurm's accounting knows no job "local-7", so the kind stays unknown."""
+    steps trained twice. Not a Slurm job, so no accounting to ask: the kind stays unknown."""
     from amodal.tracking import RunLog
 
-    jobs.record_start(tmp_path, "local-7")
+    jobs.record_start(tmp_path, "local-7", on_slurm=False)
     log = RunLog(tmp_path, True)
     for step in range(1, 18):
         log.step_done(step)
     log.close()  # then killed: nothing else is written
-    assert jobs.record_start(tmp_path, "local-7")["stopped_at"] == 17
+    assert jobs.record_start(tmp_path, "local-7", on_slurm=False)["stopped_at"] == 17
     jobs.record_resume(tmp_path, 12)  # the newest checkpoint was of step 12
     record = jobs.read_requeues(tmp_path)
     (entry,) = record["interruptions"]
     assert (entry["kind"], entry["signals"], entry["saved_at"]) == ("unknown", [], None)
     assert (entry["stopped_at"], entry["resumed_at"], entry["redone"]) == (17, 12, 5)
     assert record["counts"]["unknown"] == 1 and record["attempt"] == {"job_id": "local-7", "number": 1}
-    jobs.record_start(tmp_path, "local-8")  # another job in the same folder: a new start, not a restart
+    jobs.record_start(tmp_path, "local-8", on_slurm=False)  # another job in the same folder: a new start, not a restart
     assert len(jobs.read_requeues(tmp_path)["interruptions"]) == 1
     assert jobs.read_requeues(tmp_path)["attempt"] == {"job_id": "local-8", "number": 0}
     text = "\n".join(status.requeue_lines(jobs.read_requeues(tmp_path)))

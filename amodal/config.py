@@ -68,6 +68,9 @@ class LossConfig:
     ce_weight: float = 1.0
     focal_gamma: float = 2.0
     topk: float = 0.1  # fraction of hardest pixels kept by the top-k cross-entropy
+    # Deep supervision (resnet_unet with stage heads): this weight x the mean of the same loss on each
+    # decoder stage's own prediction, against the target subsampled to the stage's resolution.
+    stage_weight: float = 0.0
 
 
 @dataclass

@@ -51,7 +51,7 @@ from amodal.data.pack import ensure_synthetic
 from amodal.data.sampler import build_eval_loader, build_train_loader, per_rank_batch
 from amodal.distributed import DistInfo, barrier, cleanup, init_distributed
 from amodal.fileio import write_text_atomic
-from amodal.losses import build_loss
+from amodal.losses import build_loss, stage_loss
 from amodal.metrics import evaluate
 from amodal.models import build_model
 from amodal.optim import apply_recipe, make_ema, make_optimizer, make_scheduler
@@ -187,6 +187,9 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
+        if cfg.loss.stage_weight > 0 and getattr(self.model, "heads", None) is None:
+            raise ConfigError(f"loss.stage_weight = {cfg.loss.stage_weight}: deep supervision needs a model whose "
+                              f"decoder stages predict (model.name = \"resnet_unet\", model.stage_heads = true)")
         self.optimizer = make_optimizer(self.model, cfg.optim, fused=self.cuda)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
@@ -281,7 +284,12 @@ class Trainer:
         torch.manual_seed(step_seed(self.cfg.train.seed, self.step, self.rank))  # random ops: f(seed, step)
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = self.loss_fn(self.step_model(images), target)
+            if self.cfg.loss.stage_weight > 0:
+                logits, stages = self.step_model(images, stages=True)
+                loss = self.loss_fn(logits, target) + self.cfg.loss.stage_weight * stage_loss(
+                    self.loss_fn, stages, target)
+            else:
+                loss = self.loss_fn(self.step_model(images), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         grad_norm = None

@@ -268,3 +268,15 @@ def test_bench_model_runs(capsys):
     out = capsys.readouterr().out
     assert "resnet_unet" in out and "smp.Unet" in out
     assert "ratio ours / smp (images/s):" in out
+
+
+def test_stage_outputs_come_from_the_same_pass_as_the_logits():
+    model = small("resnet_unet").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, stages = model(x, stages=True)
+        torch.testing.assert_close(logits, model(x))
+        heads = [head(y) for head, y in zip(model.heads, model.decode(x))]
+    assert [s.shape[-1] for s in stages] == [4, 8, 16, 32, 64]
+    for got, want in zip(stages, heads):
+        torch.testing.assert_close(got, want)

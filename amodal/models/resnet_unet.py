@@ -179,12 +179,15 @@ class ResNetUNet(nn.Module):
 
     def stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's own 34-channel prediction at the stage's resolution, coarse to fine."""
-        return [head(y) for head, y in zip(self.heads, self.decode(x))]
+        return self.forward(x, stages=True)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stages: bool = False):
+        """Logits (N, 34, 128, 128); with `stages`, also each stage's own logits (for deep supervision),
+        computed from the same decoder pass."""
         features = self.decode(x)
         if self.heads is None:
-            return to_target_size(self.head(features[-1]))
+            logits = to_target_size(self.head(features[-1]))
+            return (logits, []) if stages else logits
         # fuse(concat(U_s(head_s(y_s)))) computed as in the module docstring: stage by stage at the
         # stage's resolution, one conv per stage (head_s then fusion block W_s, composed), and the
         # running 34-channel sum upsampled to the next stage's size.
@@ -199,4 +202,7 @@ class ResNetUNet(nn.Module):
                 out = F.conv2d(y, weight, bias)
             else:
                 out = F.conv2d(y, weight, bias).add_(upsample_to(out, y.shape[-2:]))
-        return to_target_size(out)
+        logits = to_target_size(out)
+        if stages:
+            return logits, [head(y) for head, y in zip(self.heads, features)]
+        return logits

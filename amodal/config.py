@@ -58,6 +58,9 @@ class ModelConfig:
     attention: bool = False  # attention gates on the skip connections (resnet_unet)
     stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end
     pretrained: str = ""  # path of a local torchvision encoder state dict; nothing is downloaded
+    # resnet_unet: feed the encoder RGB standardised with ImageNet's mean and std, as torchvision's
+    # ResNets (and any pretrained weights) expect; measured to learn sooner from scratch too (README).
+    normalize_input: bool = True
 
 
 @dataclass

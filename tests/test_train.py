@@ -54,6 +54,9 @@ def test_recipes():
     assert (a.enabled, a.shift, a.scale, a.rotation, a.colour) == (True, 0.3, 0.3, 5.0, 0.3)
     baseline = load_config(RECIPES / "baseline.toml")
     assert (baseline.model.name, baseline.loss.name, baseline.augment.enabled) == ("unet", "ce", False)
+    demo = load_config(RECIPES / "demo.toml")  # the measured choices of its header
+    assert (demo.model.name, demo.model.normalize_input, demo.augment.enabled) == ("resnet_unet", True, False)
+    assert len(demo.loss.class_weights) == 17
     smoke = load_config(RECIPES / "smoke.toml")
     assert smoke.data.make_synthetic and smoke.train.device == "auto" and smoke.train.val_every > 0
     assert smoke.train.steps * smoke.train.global_batch <= 1000  # a minute on two cores

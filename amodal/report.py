@@ -225,6 +225,12 @@ def extras_summary(cfg: Config) -> str:
         parts.append(f"EMA {cfg.train.ema:g}")
     if cfg.train.tta_flip:
         parts.append("flip TTA")
+    if cfg.loss.stage_weight > 0:
+        parts.append(f"deep supervision {cfg.loss.stage_weight:g}")
+    if cfg.model.name == "resnet_unet" and not cfg.model.normalize_input:
+        parts.append("raw BGR input")
+    if cfg.loss.class_weights:
+        parts.append("class weights")
     return ", ".join(parts) or DASH
 
 

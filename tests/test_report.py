@@ -166,6 +166,7 @@ def test_learning_curves_per_image_and_per_minute(sweep, tmp_path):
     # A run resumed at step 200 validates step 200 again: the curve keeps the last record of that step.
     cfg = Config(name="resumed")
     cfg.train.global_batch, cfg.train.steps = 8, 300
+    cfg.loss.stage_weight, cfg.model.normalize_input, cfg.loss.class_weights = 0.5, False, [1.0] * 17
     make_run(sweep / "resumed", cfg, [
         start_record(0), train_record(100, 10.0), val_record(100, 0.05, 0.01, parts(0.0), parts(0.0)),
         train_record(200, 10.0), val_record(200, 0.10, 0.02, parts(0.0), parts(0.0)),
@@ -174,6 +175,7 @@ def test_learning_curves_per_image_and_per_minute(sweep, tmp_path):
     ])
     out = tmp_path / "report"
     rows = {r["run"]: r for r in report.report([sweep], out)}
+    assert rows["resumed"]["extras"] == "deep supervision 0.5, raw BGR input, class weights"
     assert [(p["step"], p["images"], p["minutes"], p["miou"]) for p in rows["resumed"]["curve"]] == [
         (100, 800, 0.025, 0.05), (200, 1600, 0.05, 0.11), (300, 2400, 0.075, 0.20)]
     # global batch 32 (the default); the train records hold 1.5 s each

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,17 @@ class DataConfig:
     test_split: str = "test"
     input_size: int = 128  # model input side; targets are always 128x128
     num_workers: int = 2
+    # Node-local copy of the shards training reads (amodal/data/stage.py): "auto" ($SLURM_TMPDIR, else
+    # $TMPDIR, when on another file system than root), "off", or an absolute folder ($VARS and ~ expand).
+    stage: str = "auto"
+
+    def __post_init__(self):
+        if self.stage not in ("auto", "off"):
+            folder = os.path.expanduser(os.path.expandvars(self.stage))
+            if not os.path.isabs(folder):
+                raise ConfigError(f"data.stage = {self.stage!r}: expected 'auto', 'off' or an absolute folder")
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ConfigError(f"data.stage = {self.stage!r}: {folder} is not a folder")
 
 
 @dataclass

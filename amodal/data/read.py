@@ -205,7 +205,7 @@ def verify_shards(root) -> list[str]:
 VERIFY_USAGE = """Re-hash and check a shard folder: python tools/verify_shards.py DIR
 
 Checks the manifest (fields, counts, fingerprint), each listed shard (present, size, sha256, datasets
-and shapes against the manifest) and that no unlisted shard lies beside them. Prints each problem with
+and shapes against the manifest; format version 2: byte offsets and crop sides) and that no unlisted shard lies beside them. Prints each problem with
 the file it concerns; exits 1 when there is any, 0 otherwise.
 """
 

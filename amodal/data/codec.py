@@ -12,7 +12,7 @@ import zlib
 import cv2
 import numpy as np
 
-MAP_LEVEL = 1  # level 6: maps 40% smaller, decompressed 3x slower (bench_data.py --what storage)
+MAP_LEVEL = 1  # level 6: maps 40% smaller, decompressed 2.4-3.2x slower (bench_data.py --what storage)
 
 
 class CodecError(ValueError):

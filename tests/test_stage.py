@@ -173,13 +173,19 @@ def test_where_to_stage(shared, tmp_path):
     assert staged.root == shared and "in place" in staged.note and not staged.copied
 
 
-def test_data_stage_is_checked_when_the_config_loads(tmp_path):
+def test_data_stage_is_checked_when_the_config_loads(tmp_path, monkeypatch):
     assert DataConfig().stage == "auto"
     assert load_config(None, ["data.stage=off"]).data.stage == "off"
     assert load_config(None, [f"data.stage={tmp_path}"]).data.stage == str(tmp_path)
-    for bad in ("of", "", "scratch/stage", "$NO_SUCH_VARIABLE_HERE/stage"):
+    for bad in ("of", "", "scratch/stage"):
         with pytest.raises(ConfigError, match="data.stage = .*expected 'auto', 'off' or an absolute folder"):
             load_config(None, [f"data.stage='{bad}'"])
+    # a variable of the node the job runs on is expanded there: one that is not set fails then
+    cfg = load_config(None, ["data.stage='$NO_SUCH_VARIABLE_HERE/stage'", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.stage = '\$NO_SUCH_VARIABLE_HERE/stage': .* not an absolute folder"):
+        stage_data(cfg.data, ["train"])
+    monkeypatch.setenv("AMODAL_TEST_STAGE", str(tmp_path / "node"))
+    assert stage_base("$AMODAL_TEST_STAGE/x", tmp_path) == tmp_path / "node" / "x"
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"data.stage = .*file.*is not a folder"):
         load_config(None, [f"data.stage={tmp_path / 'file'}"])

@@ -58,7 +58,11 @@ def stage_base(stage: str, root, env=os.environ) -> Path | None:
     if stage == "off":
         return None
     if stage != "auto":
-        return Path(os.path.expandvars(stage)).expanduser()
+        folder = Path(os.path.expandvars(stage)).expanduser()
+        if not folder.is_absolute():
+            raise ConfigError(f"data.stage = {stage!r}: {folder} is not an absolute folder here (a variable "
+                              "that is not set?)")
+        return folder
     local = env.get("SLURM_TMPDIR") or env.get("TMPDIR")
     if not local or not Path(local).is_dir():
         return None

@@ -79,6 +79,9 @@ def test_a_damaged_shared_shard_is_refused_by_name(shared, tmp_path):
         stage_shards(root, ["val"], tmp_path / "local")
     dest = staged_dir(root, tmp_path / "local")
     assert not (dest / "val-00000.h5").exists() and not list(dest.glob("*.tmp-*"))
+    (root / "test-00000.h5").unlink()
+    with pytest.raises(ShardError, match=r"test-00000.h5: missing shard \(listed in .*manifest.json\)"):
+        stage_shards(root, ["test"], tmp_path / "local")
 
 
 def test_a_copy_killed_mid_file_is_redone(shared, tmp_path):

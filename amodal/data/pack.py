@@ -195,7 +195,7 @@ def write_shard(path: Path, records: Iterable[dict], count: int, spec: dict, opt
     str_type = h5py.string_dtype("utf-8")
     with h5py.File(tmp, "w", libver="latest") as f:
         ds = _create_fixed(f, shapes, count, opt)
-        parts: dict[str, list[bytes]] = {name: [] for name in blobs}  # a shard's bytes: tens of MB
+        parts: dict[str, list[bytes]] = {name: [] for name in blobs}  # 33 MB a shard (JPEG), 224 MB (raw)
         keys, hand_types = [], []
         n = 0
         for rec in records:

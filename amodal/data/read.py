@@ -74,19 +74,19 @@ class ShardFile:
             expect = layout(lay["crop_size"], s["has_labels"], s["has_front"])
         else:
             expect = layout_v2(s["has_labels"], s["has_front"])
-            for name in blob_names(s["has_labels"], s["has_front"]):
-                expect[f"{name}_offsets"] = ("+1",)
         expect["key"] = []
         for name, shape in expect.items():
-            if name not in f:
-                raise ShardError(f"{self.path}: dataset {name!r} is missing")
-            got = f[name].shape
-            want = (self.count + 1,) if shape == ("+1",) else (self.count, *shape)
-            if got != want:
-                raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected "
-                                 f"{want} (manifest count {self.count})")
+            self._check_shape(name, (self.count, *shape))
         if self.version == 2:
             self._check_blobs(lay, s)
+
+    def _check_shape(self, name: str, want: tuple) -> None:
+        if name not in self.f:
+            raise ShardError(f"{self.path}: dataset {name!r} is missing")
+        got = self.f[name].shape
+        if got != want:
+            raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected {want} (manifest "
+                             f"count {self.count})")
 
     def _check_blobs(self, lay: dict, s: dict) -> None:
         """Offsets that run from 0 to the end of their bytes without going back, and sides the layout
@@ -97,6 +97,9 @@ class ShardFile:
             raise ShardError(f"{self.path}: dataset 'side' holds {side.min()}..{side.max()}, "
                              f"expected 1..{lay['crop_size']}")
         for name in blob_names(s["has_labels"], s["has_front"]):
+            self._check_shape(f"{name}_offsets", (self.count + 1,))
+            if name not in f or f[name].ndim != 1:
+                raise ShardError(f"{self.path}: dataset {name!r} is missing or not a flat byte dataset")
             off = f[f"{name}_offsets"][()]
             if off[0] != 0 or off[-1] != f[name].shape[0] or np.any(np.diff(off) < 0):
                 raise ShardError(f"{self.path}: dataset '{name}_offsets' does not run from 0 to the "
@@ -205,8 +208,9 @@ def verify_shards(root) -> list[str]:
 VERIFY_USAGE = """Re-hash and check a shard folder: python tools/verify_shards.py DIR
 
 Checks the manifest (fields, counts, fingerprint), each listed shard (present, size, sha256, datasets
-and shapes against the manifest; format version 2: byte offsets and crop sides) and that no unlisted shard lies beside them. Prints each problem with
-the file it concerns; exits 1 when there is any, 0 otherwise.
+and shapes against the manifest; format version 2: byte offsets and crop sides) and that no unlisted
+shard lies beside them. Prints each problem with the file it concerns; exits 1 when there is any, 0
+otherwise.
 """
 
 

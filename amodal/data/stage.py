@@ -14,8 +14,9 @@ that are complete and verified:
   sha256, renamed into place, and only then listed in staged.json (written atomically). A copy killed
   by a signal leaves a temporary file and no entry; the next holder of the lock deletes it and copies
   again. Nothing is read from the staged folder before every shard it needs is listed.
-- No room (too little free space before starting, or ENOSPC / EFBIG / EDQUOT while writing): the
-  partial file is removed and the job reads the shared folder, with one warning.
+- No room (too little free space before starting, or ENOSPC / EFBIG / EDQUOT while writing), or a
+  folder it may not write in: the partial file is removed and the job reads the shared folder, with
+  one warning.
 - A shard whose hash does not match its manifest is a ShardError naming the shared file: the shared
   copy is damaged, and reading it in place would not be better.
 """
@@ -43,6 +44,7 @@ LOCK = ".lock"
 CHUNK = 1 << 22  # bytes per read and write of a copy
 HEADROOM = 1 << 28  # left free on the node's disk after staging (256 MiB): other jobs write there too
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+CANNOT_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)  # a node-local folder we may not use: read in place
 
 
 @dataclass
@@ -95,8 +97,14 @@ def stage_shards(root, splits: Sequence[str], base, warn: bool = True, progress:
     manifest = read_manifest(root)
     entries = [e for s in splits_of(manifest, splits) for e in manifest["splits"][s]["shards"]]
     dest = base / f"amodal-shards-{manifest['fingerprint'][:16]}"
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest / LOCK, "a") as lock:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        lock = open(dest / LOCK, "a")
+    except OSError as err:
+        if err.errno not in CANNOT_WRITE + NO_ROOM:
+            raise
+        return _fall_back(root, f"cannot write in {dest}: {os.strerror(err.errno)}", warn)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         done = _read_marker(dest)
         todo = [e for e in entries
@@ -108,7 +116,8 @@ def stage_shards(root, splits: Sequence[str], base, warn: bool = True, progress:
         need = sum(e["bytes"] for e in todo)
         free = shutil.disk_usage(dest).free
         if free < need + HEADROOM:
-            return _fall_back(root, f"{need / 2**20:.0f} MiB to stage, {free / 2**20:.0f} MiB free on {dest}", warn)
+            return _fall_back(root, f"no room: {need / 2**20:.0f} MiB to stage, {free / 2**20:.0f} MiB free on "
+                                    f"{dest}", warn)
         copied = []
         try:
             if not (dest / MANIFEST).is_file():
@@ -119,14 +128,14 @@ def stage_shards(root, splits: Sequence[str], base, warn: bool = True, progress:
                 done[e["file"]] = e["sha256"]
                 write_text_atomic(dest / MARKER, json.dumps({"files": done}, indent=1, sort_keys=True) + "\n")
         except OSError as err:
-            if err.errno not in NO_ROOM:
+            if err.errno not in NO_ROOM + CANNOT_WRITE:
                 raise
-            return _fall_back(root, f"{dest}: {os.strerror(err.errno)} while copying", warn)
+            return _fall_back(root, f"no room: {os.strerror(err.errno)} while copying to {dest}", warn)
     return Staged(dest, f"staged {len(copied)} shards ({need / 2**20:.1f} MiB) from {root} to {dest}", copied)
 
 
 def _fall_back(root: Path, why: str, warn: bool) -> Staged:
-    note = f"no room to stage the shards ({why}): reading {root} in place"
+    note = f"cannot stage the shards ({why}): reading {root} in place"
     if warn:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     return Staged(root, note, fell_back=True)
@@ -152,7 +161,11 @@ def _copy_verified(src: Path, dst: Path, entry: dict, progress: Callable | None)
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
     h = hashlib.sha256()
     try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        try:
+            fi = open(src, "rb")
+        except FileNotFoundError:
+            raise ShardError(f"{src}: missing shard (listed in {src.parent / MANIFEST})") from None
+        with fi, open(tmp, "wb") as fo:
             done = 0
             while block := fi.read(CHUNK):
                 h.update(block)

@@ -1,6 +1,7 @@
 """Node-local staging: copies verified once per node, a kill mid-copy and a full disk (real SIGKILL, real
 EFBIG), two processes staging at once, data.stage in the config."""
 
+import json
 import os
 import signal
 import subprocess
@@ -192,3 +193,17 @@ def test_data_stage_is_checked_when_the_config_loads(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"data.stage = .*file.*is not a folder"):
         load_config(None, [f"data.stage={tmp_path / 'file'}"])
+
+
+def test_training_reads_the_staged_copy_and_records_the_shared_folder(shared, tmp_path):
+    from test_train_support import TINY
+
+    from amodal.train import train
+
+    cfg = load_config(None, [f"data.root={shared}", *TINY, f"data.stage={tmp_path / 'node'}", "train.steps=2",
+                             "train.val_every=2"])
+    assert train(cfg, tmp_path / "run").step == 2
+    dest = staged_dir(shared, tmp_path / "node")
+    assert sorted(p.name for p in dest.glob("*.h5")) == [f"train-0000{i}.h5" for i in range(3)] + ["val-00000.h5"]
+    assert "staged 4 shards" in (tmp_path / "run" / "log.txt").read_text()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["root"] == str(shared)

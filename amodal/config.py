@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,18 @@ class DataConfig:
     test_split: str = "test"
     input_size: int = 128  # model input side; targets are always 128x128
     num_workers: int = 2
+    # Node-local copy of the shards training reads (amodal/data/stage.py): "auto" ($SLURM_TMPDIR, else
+    # $TMPDIR, when on another file system than root), "off", or an absolute folder; $VARS and ~ expand
+    # where the job runs (a node's variables may not exist where it is submitted).
+    stage: str = "auto"
+
+    def __post_init__(self):
+        if self.stage not in ("auto", "off"):
+            if not self.stage.startswith(("/", "~", "$")):
+                raise ConfigError(f"data.stage = {self.stage!r}: expected 'auto', 'off' or an absolute folder")
+            folder = os.path.expanduser(os.path.expandvars(self.stage))
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ConfigError(f"data.stage = {self.stage!r}: {folder} is not a folder")
 
 
 @dataclass

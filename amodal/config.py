@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -37,6 +38,18 @@ class DataConfig:
     test_split: str = "test"
     input_size: int = 128  # model input side; targets are always 128x128
     num_workers: int = 2
+    # Node-local copy of the shards training reads (amodal/data/stage.py): "auto" ($SLURM_TMPDIR, else
+    # $TMPDIR, when on another file system than root), "off", or an absolute folder; $VARS and ~ expand
+    # where the job runs (a node's variables may not exist where it is submitted).
+    stage: str = "auto"
+
+    def __post_init__(self):
+        if self.stage not in ("auto", "off"):
+            if not self.stage.startswith(("/", "~", "$")):
+                raise ConfigError(f"data.stage = {self.stage!r}: expected 'auto', 'off' or an absolute folder")
+            folder = os.path.expanduser(os.path.expandvars(self.stage))
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ConfigError(f"data.stage = {self.stage!r}: {folder} is not a folder")
 
 
 @dataclass
@@ -58,6 +71,9 @@ class ModelConfig:
     attention: bool = False  # attention gates on the skip connections (resnet_unet)
     stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end
     pretrained: str = ""  # path of a local torchvision encoder state dict; nothing is downloaded
+    # resnet_unet: feed the encoder RGB standardised with ImageNet's mean and std, as torchvision's
+    # ResNets (and any pretrained weights) expect; measured to learn sooner from scratch too (README).
+    normalize_input: bool = True
 
 
 @dataclass
@@ -68,6 +84,9 @@ class LossConfig:
     ce_weight: float = 1.0
     focal_gamma: float = 2.0
     topk: float = 0.1  # fraction of hardest pixels kept by the top-k cross-entropy
+    # Deep supervision (resnet_unet with stage heads): this weight x the mean of the same loss on each
+    # decoder stage's own prediction, against the target subsampled to the stage's resolution.
+    stage_weight: float = 0.0
 
 
 @dataclass

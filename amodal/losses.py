@@ -155,6 +155,19 @@ class HandLoss(nn.Module):
         return f"name={self.name!r}"
 
 
+def stage_loss(loss_fn: nn.Module, stage_logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean of `loss_fn` over the decoder stages' own logits (N, 34, h, w), each against the target
+    subsampled to h x w (the pixel at the centre of each k x k block: labels stay labels)."""
+    losses = []
+    for logits in stage_logits:
+        k = target.shape[-1] // logits.shape[-1]
+        if k * logits.shape[-1] != target.shape[-1] or target.shape[-2] != k * logits.shape[-2]:
+            raise ValueError(f"stage loss: target {tuple(target.shape[-2:])} is not a multiple of the stage's "
+                             f"{tuple(logits.shape[-2:])}")
+        losses.append(loss_fn(logits, target[..., k // 2 :: k, k // 2 :: k]))
+    return torch.stack(losses).mean()
+
+
 def _check_finite(value: float, key: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
     ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
@@ -182,4 +195,5 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     _check_finite(cfg.ce_weight, "ce_weight", 0.0)
     _check_finite(cfg.focal_gamma, "focal_gamma", 0.0)
     _check_finite(cfg.topk, "topk", 0.0, 1.0, low_open=True)
+    _check_finite(cfg.stage_weight, "stage_weight", 0.0)
     return HandLoss(cfg.name, cfg, weight)

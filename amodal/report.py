@@ -13,6 +13,7 @@ folder holding run folders (a sweep: runs/<sweep name>/<point>/). Writes into DI
   results.json  the same rows as data
   miou.png      validation mIoU (and occluded-region mIoU) per run, as bars
   parts.png     per-part IoU per run (a heat map: 16 parts × many runs stays readable as one)
+  curves.png    learning curves: validation mIoU against images seen and against minutes of training
 
 Runs without validation records are listed with "—". A folder that is neither a run nor holds runs
 is an error naming it. Numbers are read from the runs' own records; nothing is recomputed.
@@ -82,6 +83,23 @@ class Run:
         """The validation record with the highest mIoU (the earliest of equals), or None."""
         scored = [r for r in self.val if _number(r.get(MIOU))]
         return max(scored, key=lambda r: r[MIOU]) if scored else None
+
+    @property
+    def curve(self) -> list[dict]:
+        """The learning curve: per validated step (the last record of a step validated twice, as after
+        a resume), images seen (step x global batch), minutes of training (the train records' own seconds
+        up to the last record at or before the step, so validation, saves and restarts are not counted;
+        log every few steps for a finer clock) and mIoU."""
+        by_step = {r[STEP]: r[MIOU] for r in self.val if _number(r.get(MIOU))}
+        batch = self.config.train.global_batch
+        seconds = sorted((r[STEP], r["seconds"]) for r in self.train
+                         if isinstance(r.get(STEP), int) and _number(r.get("seconds")))
+        points = []
+        for step in sorted(by_step):
+            spent = sum(sec for s, sec in seconds if s <= step)
+            points.append({"step": step, "images": step * batch,
+                           "minutes": round(spent / 60, 3) if seconds else None, "miou": by_step[step]})
+        return points
 
     @property
     def part_iou(self) -> list[float | None] | None:
@@ -207,6 +225,12 @@ def extras_summary(cfg: Config) -> str:
         parts.append(f"EMA {cfg.train.ema:g}")
     if cfg.train.tta_flip:
         parts.append("flip TTA")
+    if cfg.loss.stage_weight > 0:
+        parts.append(f"deep supervision {cfg.loss.stage_weight:g}")
+    if cfg.model.name == "resnet_unet" and not cfg.model.normalize_input:
+        parts.append("raw BGR input")
+    if cfg.loss.class_weights:
+        parts.append("class weights")
     return ", ".join(parts) or DASH
 
 
@@ -242,6 +266,7 @@ def row_of(run: Run, baseline: Run | None) -> dict:
         "best_step": best.get(STEP) if best else None,
         "part_iou": run.part_iou,
         "delta_miou": delta,
+        "curve": run.curve,
     }
 
 
@@ -276,7 +301,14 @@ def markdown(rows: list[dict], baseline: str | None) -> str:
     for r in rows:
         parts = r["part_iou"] or [None] * NUM_PARTS
         lines.append(f"| `{r['run']}` | " + " | ".join(_fmt(v, 2) for v in parts) + " |")
-    lines += ["", "![validation mIoU per run](miou.png)", "", "![per-part IoU per run](parts.png)", ""]
+    lines += ["", "## Learning curves", "",
+              "Validation mIoU at each validation: images seen (step x global batch), and minutes of training.", ""]
+    for r in rows:
+        if r["curve"]:
+            points = ", ".join(f"{p['images']}: {p['miou']:.4f}" for p in r["curve"])
+            lines.append(f"- `{r['run']}`: {points}")
+    lines += ["", "![validation mIoU per run](miou.png)", "", "![learning curves](curves.png)", "",
+              "![per-part IoU per run](parts.png)", ""]
     return "\n".join(lines)
 
 
@@ -317,6 +349,36 @@ def miou_chart(rows: list[dict], path: Path, baseline_row: dict | None) -> None:
     ax.set_title("Validation mIoU per run")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def curves_chart(rows: list[dict], path: Path) -> None:
+    """Validation mIoU against images seen (left) and against minutes of training (right), one line per
+    run: where a run is in its learning, which one end point hides."""
+    plt = _pyplot()
+    fig, (by_images, by_minutes) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in rows:
+        curve = r["curve"]
+        if not curve:
+            continue
+        line, = by_images.plot([p["images"] for p in curve], [p["miou"] for p in curve], marker=".",
+                               linewidth=1.2, label=r["run"])
+        timed = [p for p in curve if p["minutes"] is not None]
+        if timed:
+            by_minutes.plot([p["minutes"] for p in timed], [p["miou"] for p in timed], marker=".",
+                            linewidth=1.2, color=line.get_color())
+    by_images.set_xlabel("images seen")
+    by_minutes.set_xlabel("minutes of training (validation and saves not counted)")
+    for ax in (by_images, by_minutes):
+        ax.set_ylabel("validation mIoU")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    by_images.set_title("Learning per image")
+    by_minutes.set_title("Learning per minute")
+    if by_images.lines:
+        by_images.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -367,6 +429,7 @@ def report(paths: list[Path], out_dir: Path, baseline: str | None = None) -> lis
     base_row = next((r for r in rows if base is not None and r["run"] == base.name), None)
     miou_chart(rows, out_dir / "miou.png", base_row)
     parts_chart(rows, out_dir / "parts.png")
+    curves_chart(rows, out_dir / "curves.png")
     return rows
 
 
@@ -381,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(rows)} runs -> {args.output / 'results.md'}, miou.png, parts.png")
+    print(f"{len(rows)} runs -> {args.output / 'results.md'}, miou.png, curves.png, parts.png")
     return 0
 
 

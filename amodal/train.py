@@ -9,7 +9,8 @@ checkpoints/ and, when tracking, wandb/.
 
 `Trainer` holds one rank's training: set up in __init__, `restore()` from the newest checkpoint,
 `train_step(batch)`, `validate()`, `save()`, and `fit()`, the loop. `train()` wraps it for a process:
-signal handlers, the process group, and the data made ready by rank 0 before any rank reads it.
+signal handlers, the process group, and the data made ready by rank 0 before any rank reads it, then
+staged to the node's disk (amodal/data/stage.py) unless data.stage says otherwise.
 
 The contracts it keeps (docs/design.md §3):
 - Randomness is a function of (seed, step) or (seed, epoch, index): the sampler picks the global
@@ -50,9 +51,10 @@ from amodal.data.dataset import ShardDataset
 from amodal.data.format import ShardError
 from amodal.data.pack import ensure_synthetic
 from amodal.data.sampler import build_eval_loader, build_train_loader, per_rank_batch
+from amodal.data.stage import stage_data
 from amodal.distributed import DistInfo, barrier, cleanup, init_distributed
 from amodal.fileio import write_text_atomic
-from amodal.losses import build_loss
+from amodal.losses import build_loss, stage_loss
 from amodal.metrics import evaluate
 from amodal.models import build_model
 from amodal.optim import apply_recipe, make_ema, make_optimizer, make_scheduler
@@ -152,7 +154,9 @@ def _format_duration(seconds: float) -> str:
 class Trainer:
     """One rank's training run in `run_dir` (see the module note)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, info: DistInfo, log: RunLog):
+    def __init__(self, cfg: Config, run_dir: Path, info: DistInfo, log: RunLog, data_root: str | Path | None = None):
+        """data_root: where to read the shards (a staged copy); default data.root, which the run's
+        config and checkpoints keep in any case."""
         t = cfg.train
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
@@ -173,12 +177,13 @@ class Trainer:
                 torch.set_num_threads(threads)
 
         data = cfg.data
-        self.train_ds = ShardDataset(data.root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed)
+        root = data_root or data.root
+        self.train_ds = ShardDataset(root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed)
         if not self.train_ds.has_labels:
             raise ConfigError(f"data.train_splits = {data.train_splits}: no labels in {data.root}")
         self.val_ds = None
         if t.val_every > 0:
-            self.val_ds = ShardDataset(data.root, data.val_split, data.input_size, augment=None)
+            self.val_ds = ShardDataset(root, data.val_split, data.input_size, augment=None)
             if not self.val_ds.has_labels:
                 raise ConfigError(f"data.val_split = {data.val_split!r} has no labels in {data.root}")
 
@@ -188,6 +193,9 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg.loss).to(self.device)
+        if cfg.loss.stage_weight > 0 and getattr(self.model, "heads", None) is None:
+            raise ConfigError(f"loss.stage_weight = {cfg.loss.stage_weight}: deep supervision needs a model whose "
+                              f"decoder stages predict (model.name = \"resnet_unet\", model.stage_heads = true)")
         self.optimizer = make_optimizer(self.model, cfg.optim, fused=self.cuda)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
@@ -282,7 +290,12 @@ class Trainer:
         torch.manual_seed(step_seed(self.cfg.train.seed, self.step, self.rank))  # random ops: f(seed, step)
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = self.loss_fn(self.step_model(images), target)
+            if self.cfg.loss.stage_weight > 0:
+                logits, stages = self.step_model(images, stages=True)
+                loss = self.loss_fn(logits, target) + self.cfg.loss.stage_weight * stage_loss(
+                    self.loss_fn, stages, target)
+            else:
+                loss = self.loss_fn(self.step_model(images), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         grad_norm = None
@@ -472,6 +485,14 @@ def _fmt(value: float | None) -> str:
     return "None" if value is None else f"{value:.4f}"
 
 
+def training_splits(cfg: Config) -> list[str]:
+    """The splits a training run reads: what it trains on, and what it validates on."""
+    splits = list(cfg.data.train_splits)
+    if cfg.train.val_every > 0:
+        splits.append(cfg.data.val_split)
+    return list(dict.fromkeys(splits))
+
+
 def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
           on_start: Callable[[int], None] | None = None) -> TrainResult:
     """Train (or resume) `cfg` in `run_dir` in this process group; see the module note. `on_start(step)` is
@@ -492,7 +513,9 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         log = RunLog(run_dir, info.rank == 0)
         trainer = None
         try:
-            trainer = Trainer(cfg, run_dir, info, log)
+            staged = stage_data(cfg.data, training_splits(cfg), warn=info.local_rank == 0)
+            log.info(staged.note, echo=bool(staged.copied))  # a fall-back has warned on stderr already
+            trainer = Trainer(cfg, run_dir, info, log, staged.root)
             trainer.restore()
             if on_start is not None and info.rank == 0:
                 on_start(trainer.step)

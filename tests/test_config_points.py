@@ -100,3 +100,6 @@ def test_study_recipes_parse(recipe):
     assert len(reruns) == 1 and reruns[0].train.seed == 1
     assert {p.train.seed for p in points if p not in reruns} == {0}
     assert not any(p.model.pretrained for p in points)  # only where the user has a file: not by default
+    if recipe == "ablation.toml":  # the GPU study also tries what the demo's budget could not decide
+        assert any(p.loss.class_weights for p in points) and any(p.loss.stage_weight > 0 for p in points)
+        assert any(not p.model.normalize_input for p in points)

@@ -60,6 +60,7 @@ def test_course_layout_is_the_course_s(course_dir, frames):
 
 def test_course_import_packs_exact_targets(course_dir, frames, tmp_path):
     m = pack_course(course_dir, tmp_path, progress=False, shard_size=2)
+    assert m["format_version"] == 2 and m["layout"]["image"]["codec"] == "jpeg"  # the compact layout by default
     assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 5, "val": 3, "test": 3}
     assert not m["splits"]["test"]["has_labels"] and m["splits"]["val"]["has_labels"]
     assert verify_shards(tmp_path) == []
@@ -148,6 +149,7 @@ def test_folder_import_with_unlabelled_test_split(frames, tmp_path):
     splits = {"train": frames["train"], "test": [RawSample(s.key, s.image, s.bbox, None) for s in frames["test"]]}
     write_folder_layout(src, splits)
     m = pack_folder(src, tmp_path / "out", progress=False)
+    assert m["format_version"] == 2 and m["layout"]["image"]["codec"] == "jpeg"
     assert m["splits"]["train"]["has_labels"] and not m["splits"]["test"]["has_labels"]
     ds = ShardDataset(tmp_path / "out", "train")
     assert ds.keys() == [s.key for s in frames["train"]]

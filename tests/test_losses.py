@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amodal.config import LossConfig
-from amodal.losses import LOSS_NAMES, build_loss
+from amodal.losses import LOSS_NAMES, build_loss, stage_loss
 
 E = math.e
 K = 17  # classes per hand
@@ -219,3 +219,19 @@ def test_class_weights_follow_the_module_to_a_device():
     assert loss.class_weights.shape == (K,)
     assert "class_weights" not in loss.state_dict()  # not saved into checkpoints
     assert build_loss(LossConfig()).class_weights is None
+
+
+def test_stage_loss_scores_each_stage_against_the_target_at_its_resolution():
+    # A 2x2 map blown up 2x by nearest neighbour: the stage at 2x2 must be scored against the 2x2 map
+    # itself, and the full-resolution stage against the 4x4 one.
+    loss = build_loss(LossConfig(name="dice_ce"))
+    small_target = torch.tensor([[[[0, 5], [16, 1]], [[2, 0], [0, 3]]]])  # (1, 2, 2, 2)
+    target = small_target.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.manual_seed(0)
+    coarse, fine = torch.randn(1, 34, 2, 2), torch.randn(1, 34, 4, 4)
+    both = stage_loss(loss, [coarse, fine], target)
+    torch.testing.assert_close(both, (loss(coarse, small_target) + loss(fine, target)) / 2)
+    with pytest.raises(ValueError, match="not a multiple"):
+        stage_loss(loss, [torch.randn(1, 34, 3, 3)], target)
+    with pytest.raises(ValueError, match="stage_weight"):
+        build_loss(LossConfig(stage_weight=-1.0))

@@ -268,3 +268,32 @@ def test_bench_model_runs(capsys):
     out = capsys.readouterr().out
     assert "resnet_unet" in out and "smp.Unet" in out
     assert "ratio ours / smp (images/s):" in out
+
+
+def test_stage_outputs_come_from_the_same_pass_as_the_logits():
+    model = small("resnet_unet").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, stages = model(x, stages=True)
+        torch.testing.assert_close(logits, model(x))
+        heads = [head(y) for head, y in zip(model.heads, model.decode(x))]
+    assert [s.shape[-1] for s in stages] == [4, 8, 16, 32, 64]
+    for got, want in zip(stages, heads):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_encoder_sees_rgb_standardised_with_imagenet_statistics():
+    model = small("resnet_unet").eval()
+    seen = []
+    model.encoder.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    bgr = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        model(bgr)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], (bgr[:, [2, 1, 0]] - mean) / std)
+    # The statistics are part of the weights: a model trained without them does not load silently.
+    plain = small("resnet_unet", normalize_input=False)
+    assert "input_mean" not in plain.state_dict()
+    with pytest.raises(RuntimeError, match="input_mean"):
+        model.load_state_dict(plain.state_dict())

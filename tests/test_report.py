@@ -160,3 +160,34 @@ def test_bad_files_are_errors_naming_them(sweep, tmp_path, capsys):
 def test_unknown_baseline(sweep, tmp_path, capsys):
     assert report.main([str(sweep), "-o", str(tmp_path / "out"), "--baseline", "study-00"]) == 2
     assert "--baseline 'study-00': 3 runs match" in capsys.readouterr().err
+
+
+def test_learning_curves_per_image_and_per_minute(sweep, tmp_path):
+    # A run resumed at step 200 validates step 200 again: the curve keeps the last record of that step.
+    cfg = Config(name="resumed")
+    cfg.train.global_batch, cfg.train.steps = 8, 300
+    cfg.loss.stage_weight, cfg.model.normalize_input, cfg.loss.class_weights = 0.5, False, [1.0] * 17
+    make_run(sweep / "resumed", cfg, [
+        start_record(0), train_record(100, 10.0), val_record(100, 0.05, 0.01, parts(0.0), parts(0.0)),
+        train_record(200, 10.0), val_record(200, 0.10, 0.02, parts(0.0), parts(0.0)),
+        start_record(200), val_record(200, 0.11, 0.02, parts(0.0), parts(0.0)),
+        train_record(300, 10.0), val_record(300, 0.20, 0.03, parts(0.0), parts(0.0)),
+    ])
+    out = tmp_path / "report"
+    rows = {r["run"]: r for r in report.report([sweep], out)}
+    assert rows["resumed"]["extras"] == "deep supervision 0.5, raw BGR input, class weights"
+    assert [(p["step"], p["images"], p["minutes"], p["miou"]) for p in rows["resumed"]["curve"]] == [
+        (100, 800, 0.025, 0.05), (200, 1600, 0.05, 0.11), (300, 2400, 0.075, 0.20)]
+    # global batch 32 (the default); the train records hold 1.5 s each
+    assert [(p["images"], p["miou"]) for p in rows["study-000-unet"]["curve"]] == [
+        (3200, 0.20), (6400, 0.31), (9600, 0.29)]
+    assert rows["study-002-aug-off"]["curve"] == []
+    saved = {r["run"]: r for r in json.loads((out / "results.json").read_text())}
+    assert saved["resumed"]["curve"] == rows["resumed"]["curve"]
+    md = (out / "results.md").read_text()
+    assert "- `resumed`: 800: 0.0500, 1600: 0.1100, 2400: 0.2000" in md
+    assert "- `study-002-aug-off`" not in md and "![learning curves](curves.png)" in md
+    img = cv2.imread(str(out / "curves.png"))
+    assert img is not None and img.shape[0] > 300 and img.shape[1] > 1000
+    # a line is drawn for each validated run: the chart is not blank between the axes
+    assert (img[60:-60, 80:-80] < 200).any(axis=2).mean() > 0.01

@@ -54,6 +54,9 @@ def test_recipes():
     assert (a.enabled, a.shift, a.scale, a.rotation, a.colour) == (True, 0.3, 0.3, 5.0, 0.3)
     baseline = load_config(RECIPES / "baseline.toml")
     assert (baseline.model.name, baseline.loss.name, baseline.augment.enabled) == ("unet", "ce", False)
+    demo = load_config(RECIPES / "demo.toml")  # the measured choices of its header
+    assert (demo.model.name, demo.model.normalize_input, demo.augment.enabled) == ("resnet_unet", True, False)
+    assert len(demo.loss.class_weights) == 17
     smoke = load_config(RECIPES / "smoke.toml")
     assert smoke.data.make_synthetic and smoke.train.device == "auto" and smoke.train.val_every > 0
     assert smoke.train.steps * smoke.train.global_batch <= 1000  # a minute on two cores
@@ -310,3 +313,14 @@ def test_cpu_threads_leave_no_core_idle_for_loader_workers(tmp_path, synthetic_s
     finally:
         torch.set_num_threads(before)
     assert events(tmp_path / "run", "start")[0]["cpu_threads"] == cpus
+
+
+def test_deep_supervision_trains_a_resnet_and_is_refused_for_a_plain_model(synthetic_shards, tmp_path):
+    run = tmp_path / "deep"
+    code = main(cli(run, synthetic_shards, "train.steps=2", "train.val_every=2", "model.name=resnet_unet",
+                    "model.encoder_depth=18", "loss.name=dice_ce", "loss.stage_weight=0.5"))
+    assert code == 0
+    (val,) = events(run, "val")
+    assert 0.0 <= val["miou"] <= 1.0
+    with pytest.raises(ConfigError, match="loss.stage_weight"):
+        train(tiny_config(synthetic_shards, "train.steps=1", "loss.stage_weight=0.5"), tmp_path / "plain")

@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Samples per second of one loader worker: shards vs the course's path, on the same frames.
+"""Bytes per sample and samples per second of one loader worker: each shard layout vs the course's
+path, on the same frames.
 
 Builds, in a temporary folder, InterHand-sized frames (512×334, a synthetic hand pasted into each) in
-the course's LMDB layout, packs them into shards with the course importer, then times in one process
-(OpenCV and torch single-threaded) what one DataLoader worker does per sample, collating batches:
+the course's LMDB layout, packs them with the course importer into shards of each layout (FORMAT.md:
+version 1 raw arrays; version 2 with JPEG, PNG or raw crops), then times in one process (OpenCV and
+torch single-threaded) what one DataLoader worker does per sample, collating batches:
 
   course path: LMDB get, decode the full-frame JPEG and the two 3-channel label PNGs, warp + augment
-  shard path:  read the context crop and its label maps from HDF5, warp + augment
+  shard path:  read the context crop and its label maps from HDF5 (decoding them: version 2), warp + augment
 
 Both use the same augmentation code (amodal.data.augment, training mode, default factors), so the
-difference is reading and decoding. Example: python tools/bench_data.py --samples 512
+difference is reading and decoding. The course path and every layout are timed in turns, in each
+round, so that a shared machine's load falls on all of them. "image error" is the mean absolute
+difference of the training images (epoch 0) from the shards and from the course's frames.
+Example: python tools/bench_data.py --samples 512
 
 Two more measurements behind the format's defaults (FORMAT.md):
-  --what storage   size and read time of one sample per storage choice (raw, lzf, gzip, JPEG, PNG)
+  --what storage   size and decode time of one crop or map per codec (JPEG qualities, PNG, zlib levels)
   --what crops     agreement of training warps from stored crops of several sides with the same
                    warps from the full frames
 """
@@ -20,10 +25,12 @@ Two more measurements behind the format's defaults (FORMAT.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -33,12 +40,22 @@ from torch.utils.data import default_collate
 
 from amodal.config import AugmentConfig
 from amodal.data import augment
-from amodal.data.format import COMPRESSIONS, CROP_SIZE, PackOptions, RawSample
-from amodal.data.pack import _filters, pack_course
+from amodal.data.format import CROP_SIZE, PackOptions, RawSample
+from amodal.data.pack import pack_course
 from amodal.data.sources import (IMAGES_LMDB, LABELS_LMDB, CourseSource, synthetic_in_frame,
                                  write_course_layout)
 
 FRAME_W, FRAME_H = 512, 334  # InterHand2.6M's frame size in the course data
+
+# Every layout tried (FORMAT.md, "Measurements"); the first of version 2 is the default.
+LAYOUTS = {
+    "v1-raw": PackOptions(format_version=1, image_codec="raw", map_codec="raw"),
+    "v2-jpeg95": PackOptions(),
+    "v2-jpeg90": PackOptions(jpeg_quality=90),
+    "v2-png": PackOptions(image_codec="png"),
+    "v2-raw": PackOptions(image_codec="raw"),
+    "v2-raw-maps": PackOptions(image_codec="raw", map_codec="raw"),
+}
 
 
 def interhand_like_frames(n: int, seed: int = 0) -> list[RawSample]:
@@ -98,40 +115,64 @@ def cpu_per_item(fn, items, rounds: int = 3) -> float:
     return best / len(items) * 1e6
 
 
-def bench_storage(n: int, crop_size: int, tmp: Path) -> None:
+def read_bytes(blobs: list[np.ndarray], tmp: Path) -> None:
+    """CPU us to read one sample's bytes: a slice of one contiguous byte dataset (format version 2)
+    against one element of an HDF5 variable-length dataset."""
     import h5py
 
-    from amodal.data.pack import make_record
-    from amodal.data.read import ChunkReader
-    from amodal.data.sources import SyntheticSource
+    path = tmp / "bytes.h5"
+    offsets = np.cumsum([0] + [b.size for b in blobs])
+    with h5py.File(path, "w", libver="latest") as f:
+        f.create_dataset("flat", data=np.concatenate(blobs))
+        vlen = f.create_dataset("vlen", (len(blobs),), dtype=h5py.vlen_dtype(np.uint8))
+        for i, b in enumerate(blobs):
+            vlen[i] = b
+    with h5py.File(path, "r") as f:
+        flat, vlen = f["flat"], f["vlen"]
+        a = cpu_per_item(lambda i: flat[offsets[i]:offsets[i + 1]], range(len(blobs)))
+        b = cpu_per_item(lambda i: vlen[i], range(len(blobs)))
+    print(f"reading one JPEG crop's bytes: {a:.0f} us as a slice of a contiguous byte dataset, "
+          f"{b:.0f} us as an element of a variable-length dataset")
 
-    src = SyntheticSource("train", n, seed=0)
-    recs = [make_record(src.get(i), crop_size) for i in range(n)]
-    arrays = {name: np.stack([r[name] for r in recs]) for name in ("image", "labels", "front")}
-    print(f"one sample of a {crop_size}² crop ({n} synthetic samples; CPU us per read, best of 3)")
-    print("| storage | KiB / sample | read us (ChunkReader) | read us (h5py ds[i]) |")
-    print("| --- | --- | --- | --- |")
-    for name, filt in [("image", "none"), ("image", "lzf"), ("image", "gzip"), ("labels", "none"),
-                       ("labels", "gzip"), ("labels", "lzf"), ("front", "none"), ("front", "gzip")]:
-        data = arrays[name]
-        path = tmp / f"{name}-{filt}.h5"
-        kw = _filters(filt)
-        with h5py.File(path, "w", libver="latest") as f:
-            f.create_dataset("x", data=data, chunks=(1, *data.shape[1:]), **kw)
-        with h5py.File(path, "r") as f:
-            reader, ds = ChunkReader(f["x"]), f["x"]
-            fast = cpu_per_item(lambda i: reader[i], range(n))
-            slow = cpu_per_item(lambda i: ds[i], range(n))
-        label = filt if filt != "gzip" else "gzip-1"
-        print(f"| {name} {label} | {path.stat().st_size / n / 1024:.1f} | {fast:.0f} | {slow:.0f} |")
-    for name, ext, params in [("JPEG q95", ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95]),
-                              ("PNG", ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1])]:
-        enc = [cv2.imencode(ext, im, params)[1] for im in arrays["image"]]
-        t = cpu_per_item(lambda e: cv2.imdecode(e, cv2.IMREAD_COLOR), enc)
-        err = np.mean([np.abs(cv2.imdecode(e, cv2.IMREAD_COLOR).astype(int) - im).mean()
-                       for e, im in zip(enc, arrays["image"])])
-        size = np.mean([e.nbytes for e in enc]) / 1024
-        print(f"| image {name} (decode only; mean abs error {err:.2f}/255) | {size:.1f} | {t:.0f} | - |")
+
+def bench_storage(n: int, crop_size: int, tmp: Path) -> None:
+    from amodal.data import codec
+    from amodal.data.pack import make_record
+
+    recs = [make_record(f, crop_size, tight=True) for f in interhand_like_frames(n)]
+    sides = [r["side"] for r in recs]
+    print(f"one tight crop (version 2) of {n} InterHand-like frames, sides {min(sides)}..{max(sides)} px; "
+          "CPU us per decode, best of 3")
+    images = [r["image"] for r in recs]
+    areas = np.mean([im.shape[0] ** 2 for im in images]) / crop_size ** 2
+    print(f"tight crops hold {areas * 100:.0f}% of the pixels of {crop_size}² crops")
+    read_bytes([np.frombuffer(codec.encode_image(im, "jpeg", 95), np.uint8) for im in images], tmp)
+    print("| array | codec | KiB | decode us | mean abs error /255 |")
+    print("| --- | --- | --- | --- | --- |")
+    images = [r["image"] for r in recs]
+    rows = [("raw", "raw", 95, cv2.IMREAD_COLOR), ("png", "png", 95, cv2.IMREAD_COLOR)]
+    rows += [(f"jpeg q{q}", "jpeg", q, cv2.IMREAD_COLOR) for q in (85, 90, 95, 98)]
+    rows += [("jpeg q95, decoded at half size (IMREAD_REDUCED_COLOR_2)", "jpeg", 95, cv2.IMREAD_REDUCED_COLOR_2)]
+    for label, name, q, flag in rows:
+        enc = [np.frombuffer(codec.encode_image(im, name, q), np.uint8) for im in images]
+        if flag == cv2.IMREAD_COLOR:
+            t = cpu_per_item(lambda ie: codec.decode_image(ie[1], name, ie[0].shape[0]), list(zip(images, enc)))
+            err = np.mean([np.abs(codec.decode_image(e, name, im.shape[0]).astype(int) - im).mean()
+                           for e, im in zip(enc, images)])
+        else:
+            t, err = cpu_per_item(lambda e: cv2.imdecode(e, flag), enc), float("nan")
+        print(f"| image | {label} | {np.mean([e.nbytes for e in enc]) / 1024:.1f} | {t:.0f} | {err:.2f} |")
+    plain = [cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 95])[1] for im in images]
+    t = cpu_per_item(lambda e: cv2.imdecode(e, cv2.IMREAD_COLOR), plain)
+    print(f"| image | jpeg q95 without optimized Huffman tables | {np.mean([e.nbytes for e in plain]) / 1024:.1f} "
+          f"| {t:.0f} | as q95 |")
+    for name, level in (("raw", 0), ("zlib", 1), ("zlib", 6)):
+        maps = [r["labels"] for r in recs]
+        enc = [np.frombuffer(zlib.compress(m.tobytes(), level) if name == "zlib" else m.tobytes(), np.uint8)
+               for m in maps]
+        t = cpu_per_item(lambda me: codec.decode_map(me[1], name, me[0].shape), list(zip(maps, enc)))
+        label = f"zlib level {level}" if name == "zlib" else "raw"
+        print(f"| labels (2 maps) | {label} | {np.mean([e.nbytes for e in enc]) / 1024:.1f} | {t:.0f} | 0 |")
 
 
 def bench_crops(n: int) -> None:
@@ -170,8 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timed passes; the best is reported")
     ap.add_argument("--workdir", default=None, help="build here instead of a temporary folder")
     ap.add_argument("--crop-size", type=int, default=CROP_SIZE, help="stored crop side of the shards")
-    ap.add_argument("--image-compression", choices=COMPRESSIONS, default="none")
-    ap.add_argument("--map-compression", choices=COMPRESSIONS, default="none")
+    ap.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                    help="shard layouts to pack and time (default: all)")
     args = ap.parse_args(argv)
 
     cv2.setNumThreads(1)
@@ -192,38 +233,52 @@ def main(argv=None) -> int:
         frames = interhand_like_frames(args.samples)
         write_course_layout(tmp / "course", {"train": frames})
         del frames
-        options = PackOptions(crop_size=args.crop_size, image_compression=args.image_compression,
-                              map_compression=args.map_compression)
-        pack_course(tmp / "course", tmp / "shards", splits=("train",), progress=False, options=options)
-        print(f"built {args.samples} frames of {FRAME_W}x{FRAME_H} (course layout) and their shards "
-              f"({options}) in {time.perf_counter() - t:.1f}s")
-        size_course = sum(p.stat().st_size for p in (tmp / "course").rglob("*") if p.is_file())
-        size_shards = sum(p.stat().st_size for p in (tmp / "shards").glob("*.h5"))
-        print(f"on disk: course layout {size_course / args.samples / 1024:.1f} KiB/sample, "
-              f"shards {size_shards / args.samples / 1024:.1f} KiB/sample")
+        size_course = sum(p.stat().st_size for p in (tmp / "course").rglob("*") if p.is_file()) / args.samples
+        sizes, sets = {}, {}
+        for name in args.layouts:
+            options = dataclasses.replace(LAYOUTS[name], crop_size=args.crop_size)
+            pack_course(tmp / "course", tmp / name, splits=("train",), progress=False, options=options)
+            sizes[name] = sum(p.stat().st_size for p in (tmp / name).glob("*.h5")) / args.samples
+            sets[name] = ShardDataset(tmp / name, "train", args.input_size, augment=AugmentConfig())
+        print(f"built {args.samples} frames of {FRAME_W}x{FRAME_H} (course layout) and their shards in "
+              f"{len(sets)} layouts in {time.perf_counter() - t:.1f}s")
 
         cfg = AugmentConfig()
         course = CoursePath(tmp / "course", cfg, args.input_size)
-        shard_ds = ShardDataset(tmp / "shards", "train", args.input_size, augment=cfg)
         order = np.random.default_rng(0).permutation(args.samples)
-        rate(course, order[: 2 * args.batch], args.batch)  # warm both (page cache, lazy opens)
-        rate(shard_ds, order[: 2 * args.batch], args.batch)
-        course_r, shard_r = [], []
-        for _ in range(args.rounds):  # interleaved, so both see the same machine load
-            course_r.append(rate(course, order, args.batch))
-            shard_r.append(rate(shard_ds, order, args.batch))
-        wall_c, cpu_c = (max(r[i] for r in course_r) for i in (0, 1))
-        wall_s, cpu_s = (max(r[i] for r in shard_r) for i in (0, 1))
+        errors = {}
+        check = order[: min(64, args.samples)]
+        for name, ds in sets.items():  # against the frames, with each sample's epoch-0 augmentation
+            a = [course[(0, int(i))] for i in check]
+            b = [ds[(0, int(i))] for i in check]
+            errors[name] = (np.mean([(x["image"] - y["image"]).abs().mean().item() for x, y in zip(a, b)]) * 255,
+                            np.mean([(x["target"] == y["target"]).float().mean().item() for x, y in zip(a, b)]))
+        rate(course, order[: 2 * args.batch], args.batch)  # warm all (page cache, lazy opens)
+        for ds in sets.values():
+            rate(ds, order[: 2 * args.batch], args.batch)
+        rates = {name: [] for name in ["course", *sets]}
+        for _ in range(args.rounds):  # in turns, so that all see the same machine load
+            rates["course"].append(rate(course, order, args.batch))
+            for name, ds in sets.items():
+                rates[name].append(rate(ds, order, args.batch))
+        best = {name: tuple(max(r[i] for r in rs) for i in (0, 1)) for name, rs in rates.items()}
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         print(f"one worker process (1 thread), training augmentation, {args.input_size}x{args.input_size} input, "
               f"128x128 targets, batches of {args.batch}; best of {args.rounds} passes; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}")
-        print("                                                          wall-clock    per CPU-second")
-        print(f"  course path (LMDB + full-frame JPEG/PNG decode + warp): {wall_c:8.0f}/s    {cpu_c:8.0f}/s")
-        print(f"  shard path  (HDF5 context crop + warp):                 {wall_s:8.0f}/s    {cpu_s:8.0f}/s")
-        print(f"  ratio shard / course:                                   {wall_s / wall_c:8.2f}x    "
-              f"{cpu_s / cpu_c:8.2f}x")
-        shard_ds.close()
+        print("| path | KiB / sample | x course bytes | samples/s wall | per CPU-s | x course wall / CPU "
+              "| image error /255 | label pixels equal |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        wc, cc = best["course"]
+        print(f"| course (LMDB, full-frame JPEG + 2 PNG) | {size_course / 1024:.1f} | 1.00 | {wc:.0f} | {cc:.0f} "
+              f"| 1.00 / 1.00 | 0 | 100% |")
+        for name in sets:
+            w, c = best[name]
+            err, eq = errors[name]
+            print(f"| shards {name} | {sizes[name] / 1024:.1f} | {sizes[name] / size_course:.2f} | {w:.0f} | {c:.0f} "
+                  f"| {w / wc:.2f} / {c / cc:.2f} | {err:.2f} | {eq * 100:.2f}% |")
+        for ds in sets.values():
+            ds.close()
     return 0
 
 

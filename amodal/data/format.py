@@ -3,9 +3,11 @@ source yields, the datasets a shard holds, and the manifest that lists the shard
 fingerprint).
 
 A dataset is a folder holding `manifest.json` and `<split>-<NNNNN>.h5` files. Each sample is stored once
-as a square context crop of side crop_size around its hand box (at least CONTEXT × the longer box side;
-an unscaled window of the frame where that fits), its two label maps and front map cropped the same
-way, the exact 128×128 evaluation targets, the box in crop pixels and its key.
+as a square context crop around its hand box (CONTEXT × the longer box side, at most crop_size; an
+unscaled window of the frame where that fits), its two label maps and front map cropped the same way,
+the exact 128×128 evaluation targets, the box in crop pixels and its key. Version 2 (written by
+default) stores the crop JPEG-encoded and the maps zlib-compressed, each sample's bytes one after
+another in a flat dataset; version 1 (still read) stored fixed-size raw arrays.
 
 Who uses it: amodal.data.pack writes shards, amodal.data.read reads and verifies them,
 amodal.data.sources yields the samples that are packed, amodal.data.dataset serves them to training.
@@ -25,13 +27,15 @@ import numpy as np
 from amodal.labels import HANDS, NUM_CLASSES, TARGET_SIZE
 
 FORMAT_NAME = "amodal-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what pack writes by default
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 JOURNAL = "pack-journal.json"  # progress of an unfinished pack; removed once the manifest is written
 CROP_SIZE = 320  # side of the stored context crop: S / CONTEXT >= 128 (FORMAT.md: why)
 CONTEXT = 2.2  # crop side / longer box side: covers the default augmentation range (FORMAT.md)
 SHARD_SIZE = 1024  # samples per shard
-COMPRESSIONS = ("none", "gzip", "lzf")  # HDF5 filters a pack may use; gzip at level 1
+IMAGE_CODECS = ("jpeg", "png", "raw")  # version 2: how a crop's pixels are stored
+MAP_CODECS = ("zlib", "raw")  # version 2: how label and front maps are stored (zlib at level 1)
 
 
 class ShardError(Exception):
@@ -48,13 +52,22 @@ class PackOptions:
 
     crop_size: int = CROP_SIZE
     context: float = CONTEXT
-    image_compression: str = "none"  # lzf/gzip save <= 44% and read 15-25x slower (measured)
-    map_compression: str = "none"  # gzip shrinks maps ~80x; costs 10-25% of loader throughput (measured)
+    format_version: int = FORMAT_VERSION
+    image_codec: str = "jpeg"  # version 1 stores raw pixels only
+    jpeg_quality: int = 95
+    map_codec: str = "zlib"  # version 1: zlib is HDF5's gzip filter at level 1, raw no filter
 
     def __post_init__(self):
-        for name in ("image_compression", "map_compression"):
-            if getattr(self, name) not in COMPRESSIONS:
-                raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {COMPRESSIONS}")
+        if self.format_version not in READABLE_VERSIONS:
+            raise ValueError(f"format_version {self.format_version}: expected one of {READABLE_VERSIONS}")
+        if self.image_codec not in IMAGE_CODECS:
+            raise ValueError(f"image_codec {self.image_codec!r}: expected one of {IMAGE_CODECS}")
+        if self.map_codec not in MAP_CODECS:
+            raise ValueError(f"map_codec {self.map_codec!r}: expected one of {MAP_CODECS}")
+        if self.format_version == 1 and self.image_codec != "raw":
+            raise ValueError(f"image_codec {self.image_codec!r}: format version 1 stores raw images only")
+        if not 50 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality {self.jpeg_quality} is not in [50, 100]")
         if self.crop_size < 32:
             raise ValueError(f"crop_size {self.crop_size} is too small")
         if not 1.0 <= self.context <= 8.0:
@@ -93,8 +106,11 @@ class Source(Protocol):
 # Layout: which datasets a shard holds and their shapes
 
 
+BLOBS = ("image", "labels", "front")  # version 2: per-sample encoded bytes, one after another
+
+
 def layout(crop_size: int, has_labels: bool, has_front: bool) -> dict:
-    """Per-sample shapes of a shard's datasets (the leading sample axis left out)."""
+    """Version 1: per-sample shapes of a shard's datasets (the leading sample axis left out)."""
     s, t = crop_size, TARGET_SIZE
     out = {"image": [s, s, 3], "bbox": [4], "frame_bbox": [4]}
     if has_labels:
@@ -106,16 +122,49 @@ def layout(crop_size: int, has_labels: bool, has_front: bool) -> dict:
     return out
 
 
+def blob_names(has_labels: bool, has_front: bool) -> list[str]:
+    """Version 2: the flat byte datasets of a shard; each has `<name>_offsets` beside it (count + 1)."""
+    return [name for name, there in zip(BLOBS, (True, has_labels, has_front)) if there]
+
+
+def layout_v2(has_labels: bool, has_front: bool) -> dict:
+    """Version 2: per-sample shapes of the fixed-size datasets (blobs and their offsets apart)."""
+    t = TARGET_SIZE
+    out = {"side": [], "bbox": [4], "frame_bbox": [4]}
+    if has_labels:
+        out["eval_labels"] = [2, t, t]
+    if has_front:
+        out["eval_front"] = [t, t]
+    return out
+
+
 def manifest_layout(opt: PackOptions) -> dict:
     """The part of the manifest (and fingerprint) that says how samples are laid out."""
+    if opt.format_version == 1:
+        maps = "gzip" if opt.map_codec == "zlib" else "none"
+        return {
+            "crop_size": opt.crop_size,
+            "context": opt.context,
+            "target_size": TARGET_SIZE,
+            "image": {"dtype": "uint8", "order": "BGR", "axes": "HWC", "compression": "none"},
+            "labels": {"dtype": "uint8", "channels": list(HANDS), "classes": NUM_CLASSES, "background": 0,
+                       "compression": maps, "eval_compression": "gzip"},
+            "front": {"dtype": "uint8", "values": {"0": "none", "1": "left in front", "2": "right in front"}},
+            "bbox": "x, y, w, h of the hand box in crop pixels (OpenCV pixel centres)",
+        }
+    image = {"codec": opt.image_codec, "order": "BGR", "axes": "HWC"}
+    if opt.image_codec == "jpeg":
+        image["quality"] = opt.jpeg_quality
     return {
         "crop_size": opt.crop_size,
         "context": opt.context,
+        "crop": "side min(crop_size, ceil(context x longer box side) + 2), per sample in `side`",
         "target_size": TARGET_SIZE,
-        "image": {"dtype": "uint8", "order": "BGR", "axes": "HWC", "compression": opt.image_compression},
-        "labels": {"dtype": "uint8", "channels": list(HANDS), "classes": NUM_CLASSES, "background": 0,
-                   "compression": opt.map_compression, "eval_compression": "gzip"},
-        "front": {"dtype": "uint8", "values": {"0": "none", "1": "left in front", "2": "right in front"}},
+        "image": image,
+        "labels": {"codec": opt.map_codec, "dtype": "uint8", "axes": "CHW", "channels": list(HANDS),
+                   "classes": NUM_CLASSES, "background": 0, "eval_compression": "gzip"},
+        "front": {"codec": opt.map_codec, "dtype": "uint8",
+                  "values": {"0": "none", "1": "left in front", "2": "right in front"}},
         "bbox": "x, y, w, h of the hand box in crop pixels (OpenCV pixel centres)",
     }
 
@@ -163,8 +212,9 @@ def read_manifest(root) -> dict:
     try:
         if manifest["format"] != FORMAT_NAME:
             raise ShardError(f"{path}: format {manifest['format']!r} is not {FORMAT_NAME!r}")
-        if manifest["format_version"] != FORMAT_VERSION:
-            raise ShardError(f"{path}: format version {manifest['format_version']} is not {FORMAT_VERSION}")
+        if manifest["format_version"] not in READABLE_VERSIONS:
+            raise ShardError(f"{path}: format version {manifest['format_version']} is not one of "
+                             f"{READABLE_VERSIONS} (packed by a newer amodal?)")
         manifest["layout"]["crop_size"], manifest["fingerprint"]
         for name, s in manifest["splits"].items():
             total = 0

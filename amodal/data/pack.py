@@ -2,8 +2,9 @@
 
 - make_record: a sample's stored form (its context crop, crop_geometry, and the evaluation targets);
   check_raw: the faults a source's sample can have.
-- write_shard: one shard file; pack: every split of a dataset, with a journal and optionally a pool of
-  processes; progress is a tqdm bar.
+- write_shard: one shard file, in format version 2 (encoded crops and maps, amodal.data.codec) or 1
+  (raw arrays); pack: every split of a dataset, with a journal and optionally a pool of processes;
+  progress is a tqdm bar.
 - pack_synthetic / pack_course / pack_folder: pack one kind of source (amodal.data.sources);
   ensure_synthetic: the synthetic set where a config's data.root has none yet.
 - main: the command line (`amodal-pack`, or python tools/pack_shards.py).
@@ -21,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -31,10 +33,11 @@ import cv2
 import h5py
 import numpy as np
 
-from amodal.data import augment
-from amodal.data.format import (COMPRESSIONS, CONTEXT, CROP_SIZE, FORMAT_NAME, FORMAT_VERSION, JOURNAL, MANIFEST,
-                                SHARD_SIZE, PackOptions, RawSample, ShardError, Source, SourceError,
-                                fingerprint_of, layout, manifest_layout, read_manifest, sha256_file, shard_name)
+from amodal.data import augment, codec
+from amodal.data.format import (CONTEXT, CROP_SIZE, FORMAT_NAME, FORMAT_VERSION, IMAGE_CODECS, JOURNAL, MANIFEST,
+                                MAP_CODECS, READABLE_VERSIONS, SHARD_SIZE, PackOptions, RawSample, ShardError,
+                                Source, SourceError, blob_names, fingerprint_of, layout, layout_v2, manifest_layout,
+                                read_manifest, sha256_file, shard_name)
 from amodal.data.sources import (CourseSource, FolderSource, SyntheticSource, close_environments,
                                  folder_splits)
 from amodal.fileio import commit
@@ -47,15 +50,25 @@ _TMP_SUFFIX = ".tmp"
 # Crops: the stored form of a sample
 
 
-def crop_geometry(bbox, crop_size: int = CROP_SIZE, context: float = CONTEXT):
-    """(2x3 frame -> crop matrix, box in crop pixels). The crop is a square centred on the box centre
-    holding at least `context` × the longer box side. It only scales and shifts, so the box stays
-    axis-aligned. Where that fits at the frame's own resolution (box side <= crop_size / context), the
-    crop is an unscaled, integer-aligned window of the frame: stored pixels and labels are then exact
-    copies, and any later warp of the crop equals the same warp of the frame."""
+def crop_side(bbox, crop_size: int = CROP_SIZE, context: float = CONTEXT) -> int:
+    """Side of a tight crop (format version 2): `context` × the longer box side, plus a pixel each side
+    for the bilinear warp, at most crop_size. The default augmentation reaches 1.053 box sides from the
+    box centre (FORMAT.md), inside the crop's context / 2 = 1.1, so a larger crop would only hold pixels
+    that no training sample reads."""
+    return min(crop_size, math.ceil(context * max(float(bbox[2]), float(bbox[3]))) + 2)
+
+
+def crop_geometry(bbox, crop_size: int = CROP_SIZE, context: float = CONTEXT, side: int | None = None):
+    """(2x3 frame -> crop matrix, box in crop pixels). The crop is a square of `side` (default
+    crop_size) centred on the box centre, scaled so that crop_size holds at least `context` × the
+    longer box side. It only scales and shifts, so the box stays axis-aligned. Where that fits at the
+    frame's own resolution (box side <= crop_size / context), the crop is an unscaled, integer-aligned
+    window of the frame: stored pixels and labels are then exact copies, and any later warp of the
+    crop equals the same warp of the frame."""
+    side = crop_size if side is None else side
     x, y, w, h = (float(v) for v in bbox)
     k = min(1.0, crop_size / (context * max(w, h)))
-    tx, ty = crop_size / 2 - k * (x + w / 2), crop_size / 2 - k * (y + h / 2)
+    tx, ty = side / 2 - k * (x + w / 2), side / 2 - k * (y + h / 2)
     if k == 1.0:
         tx, ty = float(round(tx)), float(round(ty))
     m = np.array([[k, 0.0, tx], [0.0, k, ty]])
@@ -104,18 +117,21 @@ def check_raw(sample: RawSample, where: str) -> None:
             raise SourceError(f"{where}: key {key!r}: front map must be uint8 {h}x{w} with values 0..2")
 
 
-def make_record(sample: RawSample, crop_size: int = CROP_SIZE, context: float = CONTEXT) -> dict:
-    """The stored form of one sample (see FORMAT.md)."""
-    m, box = crop_geometry(sample.bbox, crop_size, context)
-    rec = {"key": sample.key, "hand_type": sample.hand_type, "bbox": box,
+def make_record(sample: RawSample, crop_size: int = CROP_SIZE, context: float = CONTEXT,
+                tight: bool = False) -> dict:
+    """The stored form of one sample (see FORMAT.md): a crop of side crop_size (format version 1) or,
+    with tight, of crop_side() (version 2)."""
+    side = crop_side(sample.bbox, crop_size, context) if tight else crop_size
+    m, box = crop_geometry(sample.bbox, crop_size, context, side)
+    rec = {"key": sample.key, "hand_type": sample.hand_type, "bbox": box, "side": side,
            "frame_bbox": np.asarray(sample.bbox, np.float32),
-           "image": _area_warp(sample.image, m, crop_size)}
+           "image": _area_warp(sample.image, m, side)}
     eval_m = augment.box_affine(sample.bbox, TARGET_SIZE)
     if sample.labels is not None:
-        rec["labels"] = augment.warp_labels(sample.labels, m, crop_size, flip=False)
+        rec["labels"] = augment.warp_labels(sample.labels, m, side, flip=False)
         rec["eval_labels"] = augment.warp_labels(sample.labels, eval_m, TARGET_SIZE, flip=False)
     if sample.front is not None:
-        rec["front"] = augment.warp_map(sample.front, m, crop_size)
+        rec["front"] = augment.warp_map(sample.front, m, side)
         rec["eval_front"] = augment.warp_map(sample.front, eval_m, TARGET_SIZE)
     return rec
 
@@ -125,6 +141,7 @@ def make_record(sample: RawSample, crop_size: int = CROP_SIZE, context: float = 
 
 
 def _filters(compression: str) -> dict:
+    """HDF5 filter arguments of a version-1 dataset (and of the evaluation targets, gzip)."""
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 1}
     if compression == "lzf":
@@ -145,25 +162,40 @@ def _spec_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def _create_fixed(f: h5py.File, shapes: dict, count: int, opt: PackOptions) -> dict:
+    """The fixed-size datasets of a shard (all of version 1's, version 2's targets, boxes and sides)."""
+    ds = {}
+    for name, shape in shapes.items():
+        dtype = np.float32 if name.endswith("bbox") else np.uint16 if name == "side" else np.uint8
+        kw = {}  # bbox arrays and sides: small, contiguous, read whole when a shard opens
+        if name == "image":
+            kw = {"chunks": (1, *shape)}
+        elif name in ("labels", "front"):
+            kw = {"chunks": (1, *shape), **_filters("gzip" if opt.map_codec == "zlib" else "none")}
+        elif name.startswith("eval_"):  # read once per evaluation sample: small, compress well
+            kw = {"chunks": (1, *shape), **_filters("gzip")}
+        ds[name] = f.create_dataset(name, (count, *shape), dtype=dtype, **kw)
+    return ds
+
+
+def _encode_blob(name: str, rec: dict, opt: PackOptions) -> bytes:
+    if name == "image":
+        return codec.encode_image(rec["image"], opt.image_codec, opt.jpeg_quality)
+    return codec.encode_map(rec[name], opt.map_codec)
+
+
 def write_shard(path: Path, records: Iterable[dict], count: int, spec: dict, opt: PackOptions,
                 has_labels: bool, has_front: bool, on_sample: Callable[[], None] | None = None) -> dict:
     """Write `count` records to `path` atomically; returns the manifest entry {file, count, sha256, bytes}."""
     path = Path(path)
     tmp = path.with_name(path.name + _TMP_SUFFIX)
-    shapes = layout(opt.crop_size, has_labels, has_front)
+    v1 = opt.format_version == 1
+    shapes = layout(opt.crop_size, has_labels, has_front) if v1 else layout_v2(has_labels, has_front)
+    blobs = [] if v1 else blob_names(has_labels, has_front)
     str_type = h5py.string_dtype("utf-8")
     with h5py.File(tmp, "w", libver="latest") as f:
-        ds = {}
-        for name, shape in shapes.items():
-            dtype = np.float32 if name.endswith("bbox") else np.uint8
-            kw = {}  # bbox arrays: small, contiguous, read whole when a shard opens
-            if name == "image":
-                kw = {"chunks": (1, *shape), **_filters(opt.image_compression)}
-            elif name in ("labels", "front"):
-                kw = {"chunks": (1, *shape), **_filters(opt.map_compression)}
-            elif name.startswith("eval_"):  # read once per evaluation sample: small, compress well
-                kw = {"chunks": (1, *shape), **_filters("gzip")}
-            ds[name] = f.create_dataset(name, (count, *shape), dtype=dtype, **kw)
+        ds = _create_fixed(f, shapes, count, opt)
+        parts: dict[str, list[bytes]] = {name: [] for name in blobs}  # 33 MB a shard (JPEG), 224 MB (raw)
         keys, hand_types = [], []
         n = 0
         for rec in records:
@@ -171,6 +203,8 @@ def write_shard(path: Path, records: Iterable[dict], count: int, spec: dict, opt
                 raise ShardError(f"{path}: more than {count} records")
             for name in shapes:
                 ds[name][n] = rec[name]
+            for name in blobs:
+                parts[name].append(_encode_blob(name, rec, opt))
             keys.append(rec["key"])
             hand_types.append(rec["hand_type"])
             n += 1
@@ -178,10 +212,14 @@ def write_shard(path: Path, records: Iterable[dict], count: int, spec: dict, opt
                 on_sample()
         if n != count:
             raise ShardError(f"{path}: got {n} records, expected {count}")
+        for name in blobs:
+            # contiguous and unfiltered: a sample is one read of exactly its bytes
+            f.create_dataset(name, data=np.frombuffer(b"".join(parts[name]), np.uint8))
+            f.create_dataset(f"{name}_offsets", data=np.cumsum([0] + [len(b) for b in parts[name]], dtype=np.int64))
         f.create_dataset("key", data=np.array(keys, dtype=object), dtype=str_type)
         f.create_dataset("hand_type", data=np.array(hand_types, dtype=object), dtype=str_type)
         f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["format_version"] = opt.format_version
         f.attrs["spec"] = json.dumps(spec, sort_keys=True)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
@@ -199,7 +237,7 @@ def _plan(source: Source, split: str, shard_size: int, opt: PackOptions) -> list
     n = len(source)
     out = []
     for i, first in enumerate(range(0, n, shard_size)):
-        spec = {"format_version": FORMAT_VERSION, "split": split, "source": source.name, "first": first,
+        spec = {"format_version": opt.format_version, "split": split, "source": source.name, "first": first,
                 "count": min(shard_size, n - first), "options": dataclasses.asdict(opt),
                 "has_labels": source.has_labels, "has_front": source.has_front}
         out.append({"file": shard_name(split, i), "spec": spec})
@@ -241,7 +279,7 @@ def _pack_one(root: Path, source: Source, item: dict, opt: PackOptions, on_sampl
         for i in range(first, first + count):
             raw = source.get(i)
             check_raw(raw, where)
-            yield make_record(raw, opt.crop_size, opt.context)
+            yield make_record(raw, opt.crop_size, opt.context, tight=opt.format_version >= 2)
 
     return write_shard(root / item["file"], records(), count, spec, opt, source.has_labels,
                        source.has_front, on_sample)
@@ -301,6 +339,11 @@ def pack(root, sources: dict[str, Source], shard_size: int = SHARD_SIZE, options
             for (_, item), entry in zip(todo, pool.imap(_pack_job, jobs)):
                 finished(entry)
                 bar.update(item["spec"]["count"])
+            # Let the workers leave on their own: they ignore SIGTERM (worker_context), and the with
+            # block's terminate() holds the task queue's lock, so an idle worker could wait forever
+            # for the sentinel that ends it (seen: 3 hangs in 17 runs of test_ensure_synthetic_packs_once).
+            pool.close()
+            pool.join()
     else:
         for split, item in todo:
             finished(_pack_one(root, sources[split], item, options, on_sample=lambda: bar.update(1)))
@@ -308,7 +351,7 @@ def pack(root, sources: dict[str, Source], shard_size: int = SHARD_SIZE, options
 
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": options.format_version,
         "description": description,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "layout": manifest_layout(options),
@@ -377,8 +420,10 @@ PACK_USAGE = """Pack a dataset into HDF5 shards (amodal/data/FORMAT.md).
   python tools/pack_shards.py course --root LMDB_DIR --out DIR     (the course's data/InterHand2.6M/)
   python tools/pack_shards.py folder --root DIR --out DIR          (images/, labels/, boxes.json)
 
-Re-running the same command keeps the shards that are already complete and intact (an interrupted pack
-resumes); the manifest is written last.
+Shards are written in format version 2 (JPEG q95 crops, zlib maps: ~33 KiB per InterHand-sized
+sample); --image-codec raw reads faster at ~7x the bytes, --format-version 1 writes what older amodal
+reads (FORMAT.md: the measurements). Re-running the same command keeps the shards that are already
+complete and intact (an interrupted pack resumes); the manifest is written last.
 """
 
 
@@ -391,8 +436,13 @@ def main(argv=None) -> int:
     common.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="samples per shard")
     common.add_argument("--crop-size", type=int, default=CROP_SIZE, help="side of the stored crop")
     common.add_argument("--context", type=float, default=CONTEXT, help="crop side / longer box side")
-    common.add_argument("--image-compression", choices=COMPRESSIONS, default="none")
-    common.add_argument("--map-compression", choices=COMPRESSIONS, default="none")
+    common.add_argument("--format-version", type=int, choices=READABLE_VERSIONS, default=FORMAT_VERSION,
+                        help="1: raw arrays (what older amodal reads); 2: encoded crops (default)")
+    common.add_argument("--image-codec", choices=IMAGE_CODECS, default="jpeg",
+                        help="version 2: how crops are stored (FORMAT.md: the measurements)")
+    common.add_argument("--jpeg-quality", type=int, default=95)
+    common.add_argument("--map-codec", choices=MAP_CODECS, default="zlib",
+                        help="label and front maps: zlib (lossless) or raw")
     common.add_argument("--workers", type=int, default=1, help="processes packing shards in parallel")
     common.add_argument("--no-progress", action="store_true")
 
@@ -412,8 +462,9 @@ def main(argv=None) -> int:
     try:
         kw = {"shard_size": args.shard_size, "workers": args.workers, "progress": not args.no_progress,
               "options": PackOptions(crop_size=args.crop_size, context=args.context,
-                                     image_compression=args.image_compression,
-                                     map_compression=args.map_compression)}
+                                     format_version=args.format_version,
+                                     image_codec="raw" if args.format_version == 1 else args.image_codec,
+                                     jpeg_quality=args.jpeg_quality, map_codec=args.map_codec)}
         if args.source == "synthetic":
             manifest = pack_synthetic(args.out, args.train, args.val, args.test, seed=args.seed, **kw)
         else:

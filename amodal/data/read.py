@@ -1,6 +1,8 @@
-"""Reading shards: one open shard file (ShardFile), one sample per chunk read fast (ChunkReader), and
-the full check of a shard folder (verify_shards; its command line is main, `amodal-verify DIR` or
-`python tools/verify_shards.py DIR`). The format itself is in amodal.data.format (FORMAT.md).
+"""Reading shards: one open shard file of format version 1 or 2 (ShardFile), one sample of a version-1
+dataset chunked per sample (ChunkReader) or of a version-2 byte dataset (BlobReader), and the full
+check of a shard folder (verify_shards; its command line is main, `amodal-verify DIR` or
+`python tools/verify_shards.py DIR`). The format itself is in amodal.data.format (FORMAT.md), the
+version-2 codecs in amodal.data.codec.
 """
 
 from __future__ import annotations
@@ -14,16 +16,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from amodal.data.format import FORMAT_VERSION, MANIFEST, ShardError, layout, read_manifest, sha256_file
+from amodal.data import codec
+from amodal.data.format import MANIFEST, ShardError, blob_names, layout, layout_v2, read_manifest, sha256_file
 
 
 class ShardFile:
     """One open shard, checked against its manifest entry when opened. Not fork-safe: open it in the
-    process that reads it (ShardDataset does this lazily per worker)."""
+    process that reads it (ShardDataset does this lazily per worker).
+
+    `image[i]`, `labels[i]`, `front[i]` give sample i's crop (s, s, 3), maps (2, s, s) and (s, s) as
+    uint8 arrays whatever the version; `eval_labels[i]`, `eval_front[i]` its 128×128 targets."""
 
     def __init__(self, root, entry: dict, split: str, manifest: dict):
         self.path = Path(root) / entry["file"]
         self.count = entry["count"]
+        self.version = manifest["format_version"]
         lay = manifest["layout"]
         s = manifest["splits"][split]
         try:
@@ -41,9 +48,18 @@ class ShardFile:
             self.f.close()
             raise ShardError(f"{self.path}: damaged shard: {e}") from None
         f = self.f
-        self.image = ChunkReader(f["image"])
-        self.labels = ChunkReader(f["labels"]) if s["has_labels"] else None
-        self.front = ChunkReader(f["front"]) if s["has_front"] else None
+        if self.version == 1:
+            self.image = ChunkReader(f["image"])
+            self.labels = ChunkReader(f["labels"]) if s["has_labels"] else None
+            self.front = ChunkReader(f["front"]) if s["has_front"] else None
+        else:
+            side = f["side"][()].astype(np.int64)  # small: kept in memory
+            self.image = BlobReader(f["image"], lambda b, i: codec.decode_image(b, lay["image"]["codec"], side[i]))
+            maps = lay["labels"]["codec"]
+            self.labels = BlobReader(f["labels"], lambda b, i: codec.decode_map(
+                b, maps, (2, side[i], side[i]))) if s["has_labels"] else None
+            self.front = BlobReader(f["front"], lambda b, i: codec.decode_map(
+                b, maps, (side[i], side[i]))) if s["has_front"] else None
         self.eval_labels = ChunkReader(f["eval_labels"]) if s["has_labels"] else None
         self.eval_front = ChunkReader(f["eval_front"]) if s["has_front"] else None
         self.bbox = f["bbox"][()]  # small: kept in memory
@@ -51,18 +67,43 @@ class ShardFile:
 
     def _check(self, lay: dict, s: dict) -> None:
         f = self.f
-        if f.attrs.get("format_version") != FORMAT_VERSION:
+        if f.attrs.get("format_version") != self.version:
             raise ShardError(f"{self.path}: attribute format_version is {f.attrs.get('format_version')}, "
-                             f"expected {FORMAT_VERSION}")
-        expect = layout(lay["crop_size"], s["has_labels"], s["has_front"])
+                             f"the manifest says {self.version}")
+        if self.version == 1:
+            expect = layout(lay["crop_size"], s["has_labels"], s["has_front"])
+        else:
+            expect = layout_v2(s["has_labels"], s["has_front"])
         expect["key"] = []
         for name, shape in expect.items():
-            if name not in f:
-                raise ShardError(f"{self.path}: dataset {name!r} is missing")
-            got = f[name].shape
-            if got != (self.count, *shape):
-                raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected "
-                                 f"{(self.count, *shape)} (manifest count {self.count})")
+            self._check_shape(name, (self.count, *shape))
+        if self.version == 2:
+            self._check_blobs(lay, s)
+
+    def _check_shape(self, name: str, want: tuple) -> None:
+        if name not in self.f:
+            raise ShardError(f"{self.path}: dataset {name!r} is missing")
+        got = self.f[name].shape
+        if got != want:
+            raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected {want} (manifest "
+                             f"count {self.count})")
+
+    def _check_blobs(self, lay: dict, s: dict) -> None:
+        """Offsets that run from 0 to the end of their bytes without going back, and sides the layout
+        allows: what a reader relies on before it slices."""
+        f = self.f
+        side = f["side"][()]
+        if side.size and not (1 <= side.min() and side.max() <= lay["crop_size"]):
+            raise ShardError(f"{self.path}: dataset 'side' holds {side.min()}..{side.max()}, "
+                             f"expected 1..{lay['crop_size']}")
+        for name in blob_names(s["has_labels"], s["has_front"]):
+            self._check_shape(f"{name}_offsets", (self.count + 1,))
+            if name not in f or f[name].ndim != 1:
+                raise ShardError(f"{self.path}: dataset {name!r} is missing or not a flat byte dataset")
+            off = f[f"{name}_offsets"][()]
+            if off[0] != 0 or off[-1] != f[name].shape[0] or np.any(np.diff(off) < 0):
+                raise ShardError(f"{self.path}: dataset '{name}_offsets' does not run from 0 to the "
+                                 f"{f[name].shape[0]} bytes of {name!r} in order")
 
     def keys(self) -> list[str]:
         if self._keys is None:
@@ -102,6 +143,23 @@ class ChunkReader:
         if self.mode == "gzip":
             data = zlib.decompress(data)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
+
+class BlobReader:
+    """Sample i of a version-2 byte dataset: one read of its bytes (offsets i to i + 1, kept in memory),
+    then decode(bytes, i)."""
+
+    def __init__(self, ds: h5py.Dataset, decode):
+        self.ds, self.decode = ds, decode
+        self.offsets = ds.parent[f"{ds.name}_offsets"][()]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        data = self.ds[self.offsets[i]:self.offsets[i + 1]]
+        try:
+            return self.decode(data, i)
+        except codec.CodecError as e:
+            raise ShardError(f"{self.ds.file.filename}: dataset {self.ds.name.lstrip('/')!r}, sample {i}: "
+                             f"{e}") from None
 
 
 def verify_shards(root) -> list[str]:
@@ -150,8 +208,9 @@ def verify_shards(root) -> list[str]:
 VERIFY_USAGE = """Re-hash and check a shard folder: python tools/verify_shards.py DIR
 
 Checks the manifest (fields, counts, fingerprint), each listed shard (present, size, sha256, datasets
-and shapes against the manifest) and that no unlisted shard lies beside them. Prints each problem with
-the file it concerns; exits 1 when there is any, 0 otherwise.
+and shapes against the manifest; format version 2: byte offsets and crop sides) and that no unlisted
+shard lies beside them. Prints each problem with the file it concerns; exits 1 when there is any, 0
+otherwise.
 """
 
 

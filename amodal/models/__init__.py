@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         depth = 5 if name == "unet_deep" else 4
         return UNet(cfg.base_channels, depth, attention=cfg.attention or name == "unet_attention")
     if name == "resnet_unet":
-        return ResNetUNet(cfg.encoder_depth, cfg.attention, cfg.stage_heads, cfg.pretrained)
+        return ResNetUNet(cfg.encoder_depth, cfg.attention, cfg.stage_heads, cfg.pretrained, cfg.normalize_input)
     if cfg.attention:
         raise ValueError(f"model {name!r} has no attention gates; attention is for unet* and resnet_unet")
     return build_smp(name, cfg.encoder_depth, cfg.pretrained)

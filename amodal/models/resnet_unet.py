@@ -40,6 +40,8 @@ themselves; the tests check forward() against the literal formula above.
 
 `stage_heads=False` gives the plain model (one 1x1 head on the last stage) for the ablation.
 Pretrained encoders come only from a local torchvision ResNet state dict (`load_resnet_weights`).
+With `normalize_input` (the default) the encoder sees what torchvision's ResNets were trained on: the
+BGR [0, 1] image turned to RGB and standardised with ImageNet's mean and std.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ from .blocks import AttentionGate, conv_bn_relu, to_target_size, upsample_to
 
 RESNET_DEPTHS = (18, 34, 50, 101)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
 
 def make_resnet(depth: int) -> torchvision.models.ResNet:
@@ -131,9 +135,17 @@ class ResNetUNet(nn.Module):
         attention: bool = False,
         stage_heads: bool = True,
         pretrained: str = "",
+        normalize_input: bool = True,
         out_channels: int = NUM_OUTPUTS,
     ):
         super().__init__()
+        if normalize_input:
+            # Images arrive BGR in [0, 1] (docs/design.md §1); torchvision's ResNets expect RGB standardised
+            # with ImageNet's statistics. Buffers, so that they travel with the weights, and so that a
+            # checkpoint trained without them fails to load with their names instead of predicting wrongly.
+            self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN_RGB).view(1, 3, 1, 1))
+            self.register_buffer("input_std", torch.tensor(IMAGENET_STD_RGB).view(1, 3, 1, 1))
+        self.normalize_input = normalize_input
         self.encoder = make_resnet(encoder_depth)
         if pretrained:
             load_resnet_weights(self.encoder, pretrained)
@@ -159,6 +171,8 @@ class ResNetUNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         e = self.encoder
+        if self.normalize_input:
+            x = (x.flip(1) - self.input_mean) / self.input_std  # BGR -> RGB, then standardise
         stem = e.relu(e.bn1(e.conv1(x)))
         f1 = e.layer1(e.maxpool(stem))
         f2 = e.layer2(f1)
@@ -179,12 +193,15 @@ class ResNetUNet(nn.Module):
 
     def stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each stage's own 34-channel prediction at the stage's resolution, coarse to fine."""
-        return [head(y) for head, y in zip(self.heads, self.decode(x))]
+        return self.forward(x, stages=True)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stages: bool = False):
+        """Logits (N, 34, 128, 128); with `stages`, also each stage's own logits (for deep supervision),
+        computed from the same decoder pass."""
         features = self.decode(x)
         if self.heads is None:
-            return to_target_size(self.head(features[-1]))
+            logits = to_target_size(self.head(features[-1]))
+            return (logits, []) if stages else logits
         # fuse(concat(U_s(head_s(y_s)))) computed as in the module docstring: stage by stage at the
         # stage's resolution, one conv per stage (head_s then fusion block W_s, composed), and the
         # running 34-channel sum upsampled to the next stage's size.
@@ -199,4 +216,7 @@ class ResNetUNet(nn.Module):
                 out = F.conv2d(y, weight, bias)
             else:
                 out = F.conv2d(y, weight, bias).add_(upsample_to(out, y.shape[-2:]))
-        return to_target_size(out)
+        logits = to_target_size(out)
+        if stages:
+            return logits, [head(y) for head, y in zip(self.heads, features)]
+        return logits

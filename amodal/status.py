@@ -15,12 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from amodal.jobs import KINDS, read_requeues, scontrol_job
+from amodal.jobs import KINDS, read_requeues, scontrol_job, slurm_command
 
 
 def _slurm(*cmd: str) -> str:
+    """A Slurm command's output, "" when it does not answer."""
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        return slurm_command(*cmd).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return ""
 

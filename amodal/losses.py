@@ -38,25 +38,25 @@ LOSS_NAMES = ("ce", "dice", "dice_ce", "focal", "jaccard", "dice_topk")
 SMOOTH = 1.0  # additive smoothing of the soft Dice / IoU ratios (keeps empty classes finite)
 
 
-def _one_hot(target: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) int -> (N, 17, H, W) float32; a comparison, so no device sync (unlike F.one_hot)."""
-    classes = torch.arange(NUM_CLASSES, device=target.device).view(1, NUM_CLASSES, 1, 1)
-    return (target.unsqueeze(1) == classes).float()
-
-
-def _soft_counts(logits: torch.Tensor, target: torch.Tensor):
-    """Per class, summed over the batch: soft intersection, soft prediction mass, ground-truth pixels."""
-    p = logits.softmax(dim=1)
-    g = _one_hot(target)
-    dims = (0, 2, 3)
-    return (p * g).sum(dims), p.sum(dims), g.sum(dims)
+def _soft_counts(p: torch.Tensor, target: torch.Tensor):
+    """Per class, summed over the batch: soft intersection sum(p_c g_c), soft prediction mass sum(p_c),
+    ground-truth pixels sum(g_c); p = softmax (N, 17, H, W), target (N, H, W). The intersection adds
+    each pixel's probability of its own class to that class (index_add): no one-hot map is built."""
+    p_true = p.gather(1, target.unsqueeze(1)).flatten()
+    inter = torch.zeros(NUM_CLASSES, dtype=p.dtype, device=p.device).index_add_(0, target.flatten(), p_true)
+    g_sum = torch.bincount(target.flatten(), minlength=NUM_CLASSES).to(p.dtype)
+    return inter, p.sum((0, 2, 3)), g_sum
 
 
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """One hand: logits (N, 17, H, W) float32, target (N, H, W) int64 -> scalar (see module doc)."""
-    inter, p_sum, g_sum = _soft_counts(logits, target)
+    return _dice(logits.softmax(dim=1), target, weight)
+
+
+def _dice(p: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    inter, p_sum, g_sum = _soft_counts(p, target)
     dice = (2 * inter + SMOOTH) / (p_sum + g_sum + SMOOTH)
     return _class_mean(1 - dice, weight)
 
@@ -65,7 +65,7 @@ def soft_jaccard_loss(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """One hand: 1 - smoothed soft IoU per class, class-(weighted) mean."""
-    inter, p_sum, g_sum = _soft_counts(logits, target)
+    inter, p_sum, g_sum = _soft_counts(logits.softmax(dim=1), target)
     union = p_sum + g_sum - inter
     iou = (inter + SMOOTH) / (union + SMOOTH)
     return _class_mean(1 - iou, weight)
@@ -128,9 +128,9 @@ class HandLoss(nn.Module):
         if self.name == "focal":
             return focal_loss(logits, target, self.gamma, w)
         if self.name == "dice_ce":
-            return self.dice_weight * soft_dice_loss(logits, target, w) + self.ce_weight * F.cross_entropy(
-                logits, target, weight=w
-            )
+            # One log-softmax for both terms: on a CPU the softmax over the class axis is the dear part.
+            logp = logits.log_softmax(dim=1)
+            return self.dice_weight * _dice(logp.exp(), target, w) + self.ce_weight * F.nll_loss(logp, target, weight=w)
         if self.name == "dice_topk":
             return self.dice_weight * soft_dice_loss(logits, target, w) + self.ce_weight * topk_ce_loss(
                 logits, target, self.topk, w

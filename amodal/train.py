@@ -196,7 +196,7 @@ class Trainer:
         if cfg.loss.stage_weight > 0 and getattr(self.model, "heads", None) is None:
             raise ConfigError(f"loss.stage_weight = {cfg.loss.stage_weight}: deep supervision needs a model whose "
                               f"decoder stages predict (model.name = \"resnet_unet\", model.stage_heads = true)")
-        self.optimizer = make_optimizer(self.model, cfg.optim, fused=self.cuda)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
         self.step, self.best_miou, self.wandb_id, self.last_path = 0, None, None, None

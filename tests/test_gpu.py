@@ -113,8 +113,8 @@ def test_train_bf16(bf16_run, note):
 
 
 def test_train_checkpoint_channels_last_and_fused_adamw(bf16_run):
-    cuda_only("the trainer turns channels_last and fused AdamW on only on CUDA; the checkpoint's weight "
-              "layout and the optimizer's fused flag are checked there")
+    cuda_only("the trainer turns channels_last on only on CUDA; the checkpoint's weight layout is checked "
+              "there (fused AdamW, used on the CPU too, is checked by test_train.py as well)")
     _, _, result = bf16_run
     state = load_checkpoint(result.last_checkpoint)
     convs = [t for t in state["model"].values() if t.dim() == 4 and t.shape[-1] > 1]

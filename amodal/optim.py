@@ -20,8 +20,9 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel, on CPU as on CUDA: one pass over each tensor instead of a dozen elementwise ops;
-    # on 2 CPU cores it takes a ResNet-18 U-Net's step from 38 ms to 12 ms (tools/bench_model.py --what optimizer).
+    # The fused kernel, on the CPU as on CUDA: one pass over each tensor instead of a dozen elementwise
+    # ops. On 2 CPU cores it updates the demo's ResNet-18 U-Net in 11.8 ms instead of 56.2 ms, about a
+    # tenth of the step (python tools/bench_step.py).
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 

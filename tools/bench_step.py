@@ -38,7 +38,9 @@ def main(argv=None) -> None:
     model = build_model(cfg.model).train()
     loss_fn = build_loss(cfg.loss)
     fused = make_optimizer(model, cfg.optim)
-    foreach = torch.optim.AdamW(fused.param_groups, lr=cfg.optim.lr, foreach=True)  # same groups, other kernel
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
+    foreach = torch.optim.AdamW(groups, lr=cfg.optim.lr, foreach=True)  # the same groups, the other kernel
+    assert not any(g["fused"] for g in foreach.param_groups)
     n, size = cfg.train.global_batch, cfg.data.input_size
     x = torch.rand(n, 3, size, size)
     target = torch.randint(0, NUM_CLASSES, (n, 2, 128, 128))

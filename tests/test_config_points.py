@@ -103,3 +103,21 @@ def test_study_recipes_parse(recipe):
     if recipe == "ablation.toml":  # the GPU study also tries what the demo's budget could not decide
         assert any(p.loss.class_weights for p in points) and any(p.loss.stage_weight > 0 for p in points)
         assert any(not p.model.normalize_input for p in points)
+
+
+def test_cpu_study_changes_one_thing_of_the_cpu_recipe():
+    """jobs/study_cpu.toml: its reference is jobs/cpu.toml at a shorter budget, and each other point
+    changes what its name says and nothing else the reference sets."""
+    reference_recipe = load_config(REPO / "jobs" / "cpu.toml")
+    points = {p.name.split("-", 2)[-1]: p for p in sweep_points(load_config(REPO / "jobs" / "study_cpu.toml"))}
+    ref = points["reference"]
+    for section in ("data", "model", "loss", "augment"):
+        mine, theirs = getattr(ref, section), getattr(reference_recipe, section)
+        assert mine == theirs or section == "model" and mine.base_channels != theirs.base_channels, section
+    assert (ref.optim.lr, ref.train.global_batch) == (reference_recipe.optim.lr, reference_recipe.train.global_batch)
+    assert len({(p.train.steps, p.train.global_batch, p.data.input_size) for p in points.values()}) == 1
+    assert points["reference-seed1"].train.seed == 1 and {p.train.seed for n, p in points.items() if n != "reference-seed1"} == {0}
+    assert (points["course-unet-ce"].model.name, points["course-unet-ce"].loss.name) == ("unet", "ce")
+    assert points["aug-report"].augment.enabled and (points["aug-report"].augment.shift, points["aug-report"].augment.rotation) == (0.3, 5.0)
+    assert points["loss-ce"].loss.name == "ce" and points["loss-ce"].loss.class_weights == ref.loss.class_weights
+    assert not points["one-head"].model.stage_heads

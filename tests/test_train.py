@@ -58,6 +58,10 @@ def test_recipes():
     demo = load_config(RECIPES / "demo.toml")  # the measured choices of its header
     assert (demo.model.name, demo.model.normalize_input, demo.augment.enabled) == ("resnet_unet", True, False)
     assert len(demo.loss.class_weights) == 17
+    cpu = load_config(RECIPES / "cpu.toml")  # the report's design at a laptop's size (its header)
+    assert (cpu.model.name, cpu.model.encoder_depth, cpu.model.stage_heads, cpu.loss.name) == ("resnet_unet", 18, True, "dice_ce")
+    assert cpu.loss.class_weights == demo.loss.class_weights and not cpu.augment.enabled
+    assert cpu.train.steps * cpu.train.global_batch <= 2 * cpu.data.synthetic_train  # fresh images: at most two passes
     smoke = load_config(RECIPES / "smoke.toml")
     assert smoke.data.make_synthetic and smoke.train.device == "auto" and smoke.train.val_every > 0
     assert smoke.train.steps * smoke.train.global_batch <= 1000  # a minute on two cores

@@ -67,6 +67,7 @@ class AugmentConfig:
 class ModelConfig:
     name: str = "resnet_unet"  # unet | unet_deep | unet_attention | resnet_unet | smp_unetplusplus | ...
     encoder_depth: int = 50  # ResNet depth for resnet_unet: 18, 34, 50, 101
+    encoder_layers: int = 4  # resnet_unet: 4 (the whole ResNet) or 3 (without layer4: for small inputs)
     base_channels: int = 64  # plain U-Nets
     attention: bool = False  # attention gates on the skip connections (resnet_unet)
     stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end

@@ -200,6 +200,8 @@ def model_summary(cfg: Config) -> str:
         text = f"{m.name} c{m.base_channels}"
     else:
         text = f"{m.name} R{m.encoder_depth}"
+        if m.name == "resnet_unet" and m.encoder_layers != 4:
+            text += f" {m.encoder_layers} layers"
         if m.name == "resnet_unet" and not m.stage_heads:
             text += " no-heads"
     if m.attention and m.name != "unet_attention":

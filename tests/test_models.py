@@ -133,6 +133,39 @@ def test_stage_heads_are_concatenated_and_fused(size):
         torch.testing.assert_close(model(x), _literal_fusion(model, x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("size", [64, 96])
+def test_three_encoder_layers_drop_layer4_and_the_coarsest_stage(size):
+    model = small("resnet_unet", encoder_layers=3).eval()
+    assert not hasattr(model.encoder, "layer4")
+    assert not any(k.startswith("encoder.layer4.") for k in model.state_dict())
+    assert [s.conv2[0].out_channels for s in model.stages] == [128, 64, 32, 16]
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        preds = model.stage_logits(x)
+        assert [p.shape[-1] for p in preds] == [size // 8, size // 4, size // 2, size]
+        assert model.fuse.in_channels == 4 * NUM_OUTPUTS
+        torch.testing.assert_close(model(x), _literal_fusion(model, x), atol=1e-5, rtol=1e-4)
+    # the whole ResNet's first three layers: the same modules and weights given the same seed
+    whole = small("resnet_unet")
+    for name in ("conv1", "layer1", "layer2", "layer3"):
+        a, b = getattr(model.encoder, name).state_dict(), getattr(whole.encoder, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(model) < n(whole) / 3  # layer4 holds most of a ResNet-18's weights
+    plain = small("resnet_unet", encoder_layers=3, stage_heads=False)
+    assert plain(x).shape == (2, NUM_OUTPUTS, 128, 128)
+
+
+def test_three_encoder_layers_load_a_whole_resnet_file(resnet18_file):
+    path, state = resnet18_file
+    model = small("resnet_unet", encoder_layers=3, pretrained=str(path))
+    own = model.encoder.state_dict()
+    for key, value in state.items():
+        if key.startswith(("layer1.", "layer2.", "layer3.", "conv1.", "bn1.")):
+            torch.testing.assert_close(own[key], value, rtol=0, atol=0)
+    assert not any(k.startswith("layer4.") for k in own)
+
+
 def test_every_stage_head_changes_the_output():
     model = small("resnet_unet").eval()
     x = torch.rand(1, 3, 64, 64)
@@ -234,6 +267,10 @@ def test_bad_names_and_options():
         build_model(ModelConfig(name="smp_pspnet", encoder_depth=19))
     with pytest.raises(ValueError, match="no attention gates"):
         build_model(ModelConfig(name="smp_pspnet", encoder_depth=18, attention=True))
+    with pytest.raises(ValueError, match=r"model\.encoder_layers must be one of \(3, 4\), got 2"):
+        build_model(ModelConfig(name="resnet_unet", encoder_depth=18, encoder_layers=2))
+    with pytest.raises(ValueError, match=r"'unet': model\.encoder_layers is for resnet_unet \(got 3\)"):
+        build_model(ModelConfig(name="unet", encoder_layers=3))
 
 
 def test_missing_smp_says_how_to_install(monkeypatch):

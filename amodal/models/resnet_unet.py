@@ -7,9 +7,14 @@ upsampling, concatenation with the skip feature of the same size (optionally thr
 gate, Oktay et al. 2018), then two 3x3 conv-BN-ReLU. The last stage has no skip and works at the
 input resolution.
 
+`encoder_layers = 3` stops the encoder after layer3 (stride 16) and drops the decoder's coarsest
+stage (channels 128, 64, 32, 16). For small inputs: at 64x64 layer4 works on 2x2 maps, where its
+3x3 convolutions see mostly padding, yet it holds three quarters of a ResNet-18's weights and, with
+the decoder stage that reads it, about a third of a training step on a CPU (README, "The demo").
+
 How we read "each decoder layer predicts a section of the final result": every decoder stage s has
 a head of its own, a 1x1 conv that predicts all 34 logits p_s at the stage's resolution (S/16 .. S).
-The five stage predictions are upsampled to the output size (128x128), concatenated (5 x 34
+The five (with encoder_layers = 3: four) stage predictions are upsampled to the output size (128x128), concatenated (5 x 34
 channels) and fused by a learned 1x1 conv into the final 34 logits:
 
     logits = fuse(concat(U_1(p_1), ..., U_5(p_5)))
@@ -58,6 +63,7 @@ from amodal.labels import NUM_OUTPUTS
 from .blocks import AttentionGate, conv_bn_relu, to_target_size, upsample_to
 
 RESNET_DEPTHS = (18, 34, 50, 101)
+ENCODER_LAYERS = (3, 4)  # how many of the ResNet's four layers the encoder keeps
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -137,8 +143,11 @@ class ResNetUNet(nn.Module):
         pretrained: str = "",
         normalize_input: bool = True,
         out_channels: int = NUM_OUTPUTS,
+        encoder_layers: int = 4,
     ):
         super().__init__()
+        if encoder_layers not in ENCODER_LAYERS:
+            raise ValueError(f"model.encoder_layers must be one of {ENCODER_LAYERS}, got {encoder_layers}")
         if normalize_input:
             # Images arrive BGR in [0, 1] (docs/design.md §1); torchvision's ResNets expect RGB standardised
             # with ImageNet's statistics. Buffers, so that they travel with the weights, and so that a
@@ -151,42 +160,45 @@ class ResNetUNet(nn.Module):
             load_resnet_weights(self.encoder, pretrained)
         # The classifier is not part of the encoder; dropping it keeps state dicts and optimizers lean.
         del self.encoder.fc, self.encoder.avgpool
+        if encoder_layers == 3:
+            del self.encoder.layer4
+        self.encoder_layers = encoder_layers
         wide = encoder_depth >= 50  # bottleneck blocks: 4x the channels
-        layers = [64 * (4 if wide else 1) * 2**i for i in range(4)]
-        skip_channels = [layers[2], layers[1], layers[0], 64, 0]  # stride 16, 8, 4, 2, none
+        layers = [64 * (4 if wide else 1) * 2**i for i in range(encoder_layers)]
+        skip_channels = [*reversed(layers[:-1]), 64, 0]  # stride 16 (or 8), ..., 4, 2, none
+        decoder_channels = DECODER_CHANNELS[len(DECODER_CHANNELS) - len(skip_channels):]
         self.stages = nn.ModuleList()
-        channels = layers[3]
-        for skip, out in zip(skip_channels, DECODER_CHANNELS):
+        channels = layers[-1]
+        for skip, out in zip(skip_channels, decoder_channels):
             self.stages.append(DecoderStage(channels, skip, out, attention))
             channels = out
         self.out_channels = out_channels
         if stage_heads:
-            self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in DECODER_CHANNELS)
+            self.heads = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in decoder_channels)
             # The fusion of the concatenated stage predictions (see the module docstring).
-            self.fuse = nn.Conv2d(out_channels * len(DECODER_CHANNELS), out_channels, 1)
+            self.fuse = nn.Conv2d(out_channels * len(decoder_channels), out_channels, 1)
             self.head = None
         else:
             self.heads = self.fuse = None
-            self.head = nn.Conv2d(DECODER_CHANNELS[-1], out_channels, 1)
+            self.head = nn.Conv2d(decoder_channels[-1], out_channels, 1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         e = self.encoder
         if self.normalize_input:
             x = (x.flip(1) - self.input_mean) / self.input_std  # BGR -> RGB, then standardise
-        stem = e.relu(e.bn1(e.conv1(x)))
-        f1 = e.layer1(e.maxpool(stem))
-        f2 = e.layer2(f1)
-        f3 = e.layer3(f2)
-        f4 = e.layer4(f3)
-        return [stem, f1, f2, f3, f4]
+        features = [e.relu(e.bn1(e.conv1(x)))]  # the stem, stride 2
+        y = e.maxpool(features[0])
+        for i in range(1, self.encoder_layers + 1):
+            y = getattr(e, f"layer{i}")(y)
+            features.append(y)
+        return features  # stride 2, 4, 8, 16 (, 32)
 
     def decode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The five decoder stages' features, coarse (S/16) to fine (S)."""
+        """The decoder stages' features, coarse (S/16, or S/8 with 3 encoder layers) to fine (S)."""
         size = x.shape[-2:]
-        stem, f1, f2, f3, f4 = self.encode(x)
-        y = f4
+        *skips, y = self.encode(x)
         features = []
-        for stage, skip in zip(self.stages, [f3, f2, f1, stem, None]):
+        for stage, skip in zip(self.stages, [*reversed(skips), None]):
             y = stage(y, skip, skip.shape[-2:] if skip is not None else size)
             features.append(y)
         return features

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from amodal.labels import NUM_CLASSES, NUM_OUTPUTS
 from amodal.models import MODEL_NAMES, ResNetUNet, build_model
 from amodal.models.blocks import AttentionGate
 from conftest import load_tool
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Small versions of every model so the whole file stays fast on two shared cores.
 SMALL = {
@@ -305,6 +309,16 @@ def test_bench_model_runs(capsys):
     out = capsys.readouterr().out
     assert "resnet_unet" in out and "smp.Unet" in out
     assert "ratio ours / smp (images/s):" in out
+
+
+def test_bench_step_times_the_recipe_against_an_override(capsys):
+    load_tool("bench_step").main(["--recipe", str(REPO / "jobs" / "demo.toml"), "--set", "data.input_size=32",
+                                  "--set", "train.global_batch=2", "--rounds", "2", "--steps", "1",
+                                  "--against", "model.encoder_layers=4"])
+    out = capsys.readouterr().out
+    assert "(encoder depth 18, 3 layers), input 32, batch 2" in out
+    assert "optimizer: for-each / fused = " in out
+    assert re.search(r"against model\.encoder_layers=4: step [\d.]+ ms .*; against / recipe = [\d.]+x", out), out
 
 
 def test_stage_outputs_come_from_the_same_pass_as_the_logits():

@@ -224,3 +224,22 @@ def test_load_model_from_checkpoint(tmp_path):
     save_checkpoint(checkpoint_state(50, m1, config=other), run)
     with pytest.raises(PredictError, match="model weights do not fit model 'unet'"):
         load_model_from_checkpoint(step_path(run, 50))
+
+
+def test_checkpoint_remembers_the_encoder_layers(tmp_path):
+    """A model without layer4 (the demo's and the CPU recipe's) comes back from its checkpoint as it was
+    trained; told it has the whole ResNet, the same weights are a clear error, not a silent mismatch."""
+    small = ModelConfig(name="resnet_unet", encoder_depth=18, encoder_layers=3)
+    torch.manual_seed(0)
+    trained = build_model(small).eval()
+    run = tmp_path / "run"
+    save_checkpoint(checkpoint_state(10, trained, config=Config(model=small).to_dict()), run)
+    model, cfg, _ = load_model_from_checkpoint(run)
+    assert cfg["model"]["encoder_layers"] == 3 and same_weights(model, trained)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x), rtol=0, atol=0)
+    whole = Config(model=dataclasses.replace(small, encoder_layers=4)).to_dict()
+    save_checkpoint(checkpoint_state(20, trained, config=whole), run)
+    with pytest.raises(PredictError, match="model weights do not fit model 'resnet_unet'"):
+        load_model_from_checkpoint(step_path(run, 20))

@@ -60,6 +60,7 @@ def test_recipes():
     assert len(demo.loss.class_weights) == 17
     cpu = load_config(RECIPES / "cpu.toml")  # the report's design at a laptop's size (its header)
     assert (cpu.model.name, cpu.model.encoder_depth, cpu.model.stage_heads, cpu.loss.name) == ("resnet_unet", 18, True, "dice_ce")
+    assert cpu.model.encoder_layers == 3 and best.model.encoder_layers == 4
     assert cpu.loss.class_weights == demo.loss.class_weights and not cpu.augment.enabled
     assert cpu.train.steps * cpu.train.global_batch <= 2 * cpu.data.synthetic_train  # fresh images: at most two passes
     smoke = load_config(RECIPES / "smoke.toml")
@@ -303,9 +304,9 @@ def test_wandb_service_killed_mid_run_costs_one_warning_and_no_step(tmp_path, sy
     every record, and the checkpoint keeps the run id for the next start."""
     from test_train_support import Launch, last_step
 
-    launch = Launch(tmp_path / "run", synthetic_shards,
+    launch = Launch(tmp_path / "run", synthetic_shards,  # the demo's and the CPU recipe's model
                     ["tracking.wandb=offline", "data.num_workers=1", "model.name=resnet_unet",
-                     "model.encoder_depth=18", "train.steps=30", "train.val_every=10"])
+                     "model.encoder_depth=18", "model.encoder_layers=3", "train.steps=30", "train.val_every=10"])
     trainer = launch.procs[0]
     deadline = time.monotonic() + 180
     while last_step(launch.run_dir) < 3:

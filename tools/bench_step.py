@@ -2,12 +2,18 @@
 """Where one training step of a recipe goes, on random data: forward, loss, backward, optimizer.
 
     python tools/bench_step.py [--recipe jobs/demo.toml] [--set key=value ...] [--rounds 5] [--steps 4]
+                               [--against key=value ...]
 
 Builds the recipe's model, loss and optimizer as the trainer does (fp32, the recipe's input size and
 batch, targets 128x128) and times each part of the step. The optimizer is timed twice per round, side
 by side in this process: the fused AdamW kernel the trainer uses, and the for-each one (PyTorch's
 default without `fused`) as the baseline; the ratio is baseline / fused. Rounds alternate which one goes
 first. Medians over rounds. Run it alone: timings on a shared CPU move with the other jobs.
+
+With --against, a second model is built from the recipe with those overrides on top (for example
+`--against model.encoder_layers=4`: the whole ResNet against the demo's encoder without layer4) and
+its whole step (forward, loss, backward, fused AdamW) is timed in the same rounds, the two models
+taking turns going first; the report adds its step time and the ratio against / recipe.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    p.add_argument("--against", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time the step of the recipe with these overrides on top, side by side")
     args = p.parse_args(argv)
 
     cfg = load_config(args.recipe, args.overrides)
@@ -45,11 +53,30 @@ def main(argv=None) -> None:
     x = torch.rand(n, 3, size, size)
     target = torch.randint(0, NUM_CLASSES, (n, 2, 128, 128))
 
+    other = None
+    if args.against:
+        other_cfg = load_config(args.recipe, args.overrides + args.against)
+        torch.manual_seed(0)
+        other_model = build_model(other_cfg.model).train()
+        other = (other_model, make_optimizer(other_model, other_cfg.optim))
+
+    def other_step() -> float:
+        model_b, opt_b = other
+        t = time.perf_counter()
+        loss_fn(model_b(x), target).backward()
+        opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
     parts = ("forward", "loss", "backward", "AdamW fused", "AdamW for-each")
     times = {k: [] for k in parts}
+    against_times = []
     for r in range(args.rounds + 1):  # round 0 warms up: allocator, oneDNN kernels, optimizer state
         spent = dict.fromkeys(parts, 0.0)
+        against = 0.0
         for _ in range(args.steps):
+            if other is not None and r % 2 == 1:  # the two models take turns going first
+                against += other_step()
             t0 = time.perf_counter()
             logits = model(x)
             t1 = time.perf_counter()
@@ -66,18 +93,26 @@ def main(argv=None) -> None:
                 opt.step()
                 spent[name] += time.perf_counter() - t
             fused.zero_grad(set_to_none=True)
+            if other is not None and r % 2 == 0:
+                against += other_step()
         if r:
             for k in parts:
                 times[k].append(1000 * spent[k] / args.steps)
+            against_times.append(1000 * against / args.steps)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     step = sum(med[k] for k in parts[:4])
-    print(f"{args.recipe}: {cfg.model.name} (encoder depth {cfg.model.encoder_depth}), input {size}, batch {n}, "
+    print(f"{args.recipe}: {cfg.model.name} (encoder depth {cfg.model.encoder_depth}, {cfg.model.encoder_layers} layers), "
+          f"input {size}, batch {n}, "
           f"loss {cfg.loss.name}, {torch.get_num_threads()} torch threads; median of {args.rounds} rounds x {args.steps} steps")
     for k in parts:
         print(f"  {k:15s} {med[k]:7.1f} ms" + (f"  ({100 * med[k] / step:.0f}% of the step)" if k != parts[4] else ""))
     print(f"  step            {step:7.1f} ms  ({n / step * 1000:.1f} images/s without data loading)")
     print(f"optimizer: for-each / fused = {med['AdamW for-each'] / med['AdamW fused']:.2f}x")
+    if other is not None:
+        theirs = statistics.median(against_times)
+        print(f"against {' '.join(args.against)}: step {theirs:.1f} ms ({n / theirs * 1000:.1f} images/s); "
+              f"against / recipe = {theirs / step:.2f}x")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_recipes():
     assert len(demo.loss.class_weights) == 17
     cpu = load_config(RECIPES / "cpu.toml")  # the report's design at a laptop's size (its header)
     assert (cpu.model.name, cpu.model.encoder_depth, cpu.model.stage_heads, cpu.loss.name) == ("resnet_unet", 18, True, "dice_ce")
-    assert cpu.model.encoder_layers == 3 and best.model.encoder_layers == 4
+    assert cpu.model.encoder_layers == demo.model.encoder_layers == 3 and best.model.encoder_layers == 4
     assert cpu.loss.class_weights == demo.loss.class_weights and not cpu.augment.enabled
     assert cpu.train.steps * cpu.train.global_batch <= 2 * cpu.data.synthetic_train  # fresh images: at most two passes
     smoke = load_config(RECIPES / "smoke.toml")

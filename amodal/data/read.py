@@ -40,7 +40,7 @@ class ShardFile:
         except OSError as e:
             raise ShardError(f"{self.path}: cannot open shard: {e}") from None
         try:
-            self._check(lay, s)
+            checked = self._check(lay, s)  # version 2: the sides and offsets it checked, kept in memory
         except ShardError:
             self.f.close()
             raise
@@ -53,19 +53,20 @@ class ShardFile:
             self.labels = ChunkReader(f["labels"]) if s["has_labels"] else None
             self.front = ChunkReader(f["front"]) if s["has_front"] else None
         else:
-            side = f["side"][()].astype(np.int64)  # small: kept in memory
-            self.image = BlobReader(f["image"], lambda b, i: codec.decode_image(b, lay["image"]["codec"], side[i]))
+            side, offsets = checked
+            self.image = BlobReader(f["image"], offsets["image"],
+                                    lambda b, i: codec.decode_image(b, lay["image"]["codec"], side[i]))
             maps = lay["labels"]["codec"]
-            self.labels = BlobReader(f["labels"], lambda b, i: codec.decode_map(
+            self.labels = BlobReader(f["labels"], offsets["labels"], lambda b, i: codec.decode_map(
                 b, maps, (2, side[i], side[i]))) if s["has_labels"] else None
-            self.front = BlobReader(f["front"], lambda b, i: codec.decode_map(
+            self.front = BlobReader(f["front"], offsets["front"], lambda b, i: codec.decode_map(
                 b, maps, (side[i], side[i]))) if s["has_front"] else None
         self.eval_labels = ChunkReader(f["eval_labels"]) if s["has_labels"] else None
         self.eval_front = ChunkReader(f["eval_front"]) if s["has_front"] else None
         self.bbox = f["bbox"][()]  # small: kept in memory
         self._keys: list[str] | None = None
 
-    def _check(self, lay: dict, s: dict) -> None:
+    def _check(self, lay: dict, s: dict):
         f = self.f
         if f.attrs.get("format_version") != self.version:
             raise ShardError(f"{self.path}: attribute format_version is {f.attrs.get('format_version')}, "
@@ -78,7 +79,8 @@ class ShardFile:
         for name, shape in expect.items():
             self._check_shape(name, (self.count, *shape))
         if self.version == 2:
-            self._check_blobs(lay, s)
+            return self._check_blobs(lay, s)
+        return None
 
     def _check_shape(self, name: str, want: tuple) -> None:
         if name not in self.f:
@@ -88,14 +90,16 @@ class ShardFile:
             raise ShardError(f"{self.path}: dataset {name!r} has shape {got}, expected {want} (manifest "
                              f"count {self.count})")
 
-    def _check_blobs(self, lay: dict, s: dict) -> None:
+    def _check_blobs(self, lay: dict, s: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Offsets that run from 0 to the end of their bytes without going back, and sides the layout
-        allows: what a reader relies on before it slices."""
+        allows: what a reader relies on before it slices. Returns the sides and each blob's offsets,
+        which the readers keep (each is read from the file once)."""
         f = self.f
         side = f["side"][()]
         if side.size and not (1 <= side.min() and side.max() <= lay["crop_size"]):
             raise ShardError(f"{self.path}: dataset 'side' holds {side.min()}..{side.max()}, "
                              f"expected 1..{lay['crop_size']}")
+        offsets = {}
         for name in blob_names(s["has_labels"], s["has_front"]):
             self._check_shape(f"{name}_offsets", (self.count + 1,))
             if name not in f or f[name].ndim != 1:
@@ -104,6 +108,8 @@ class ShardFile:
             if off[0] != 0 or off[-1] != f[name].shape[0] or np.any(np.diff(off) < 0):
                 raise ShardError(f"{self.path}: dataset '{name}_offsets' does not run from 0 to the "
                                  f"{f[name].shape[0]} bytes of {name!r} in order")
+            offsets[name] = off
+        return side.astype(np.int64), offsets
 
     def keys(self) -> list[str]:
         if self._keys is None:
@@ -146,12 +152,11 @@ class ChunkReader:
 
 
 class BlobReader:
-    """Sample i of a version-2 byte dataset: one read of its bytes (offsets i to i + 1, kept in memory),
-    then decode(bytes, i)."""
+    """Sample i of a version-2 byte dataset: one read of its bytes (offsets i to i + 1, the checked
+    `<name>_offsets` array in memory), then decode(bytes, i)."""
 
-    def __init__(self, ds: h5py.Dataset, decode):
-        self.ds, self.decode = ds, decode
-        self.offsets = ds.parent[f"{ds.name}_offsets"][()]
+    def __init__(self, ds: h5py.Dataset, offsets: np.ndarray, decode):
+        self.ds, self.offsets, self.decode = ds, offsets, decode
 
     def __getitem__(self, i: int) -> np.ndarray:
         data = self.ds[self.offsets[i]:self.offsets[i + 1]]

@@ -10,12 +10,12 @@ input resolution.
 `encoder_layers = 3` stops the encoder after layer3 (stride 16) and drops the decoder's coarsest
 stage (channels 128, 64, 32, 16). For small inputs: at 64x64 layer4 works on 2x2 maps, where its
 3x3 convolutions see mostly padding, yet it holds three quarters of a ResNet-18's weights and, with
-the decoder stage that reads it, about a third of a training step on a CPU (README, "The demo").
+the decoder stage that reads it, about 30% of a training step on a CPU (README, "The demo").
 
 How we read "each decoder layer predicts a section of the final result": every decoder stage s has
 a head of its own, a 1x1 conv that predicts all 34 logits p_s at the stage's resolution (S/16 .. S).
-The five (with encoder_layers = 3: four) stage predictions are upsampled to the output size (128x128), concatenated (5 x 34
-channels) and fused by a learned 1x1 conv into the final 34 logits:
+The five stage predictions (four with encoder_layers = 3) are upsampled to the output size
+(128x128), concatenated (5 x 34 channels) and fused by a learned 1x1 conv into the final 34 logits:
 
     logits = fuse(concat(U_1(p_1), ..., U_5(p_5)))
 

@@ -55,15 +55,18 @@ def main(argv=None) -> None:
 
     other = None
     if args.against:
+        # Its own model, loss, optimizer and batch: an override of the input size, batch or loss counts.
         other_cfg = load_config(args.recipe, args.overrides + args.against)
         torch.manual_seed(0)
         other_model = build_model(other_cfg.model).train()
-        other = (other_model, make_optimizer(other_model, other_cfg.optim))
+        n_b, size_b = other_cfg.train.global_batch, other_cfg.data.input_size
+        other = (other_model, build_loss(other_cfg.loss), make_optimizer(other_model, other_cfg.optim),
+                 torch.rand(n_b, 3, size_b, size_b), torch.randint(0, NUM_CLASSES, (n_b, 2, 128, 128)))
 
     def other_step() -> float:
-        model_b, opt_b = other
+        model_b, loss_b, opt_b, x_b, target_b = other
         t = time.perf_counter()
-        loss_fn(model_b(x), target).backward()
+        loss_b(model_b(x_b), target_b).backward()
         opt_b.step()
         opt_b.zero_grad(set_to_none=True)
         return time.perf_counter() - t
@@ -111,7 +114,8 @@ def main(argv=None) -> None:
     print(f"optimizer: for-each / fused = {med['AdamW for-each'] / med['AdamW fused']:.2f}x")
     if other is not None:
         theirs = statistics.median(against_times)
-        print(f"against {' '.join(args.against)}: step {theirs:.1f} ms ({n / theirs * 1000:.1f} images/s); "
+        n_b = other[3].shape[0]
+        print(f"against {' '.join(args.against)}: step {theirs:.1f} ms ({n_b / theirs * 1000:.1f} images/s); "
               f"against / recipe = {theirs / step:.2f}x")
 
 

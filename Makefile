@@ -7,8 +7,8 @@ install:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
 # The main job on the built-in synthetic data, no cluster needed: train jobs/demo.toml (a ResNet-18
-# U-Net, about three and a half minutes on 2 cores), draw one validation panel, export the test split to the
-# leaderboard file and check it.
+# U-Net, about three and a half minutes on 2 cores), draw one validation panel, export the test split
+# to the leaderboard file and check it.
 demo: install
 	$(PYTHON) -m amodal.launch jobs/demo.toml --cluster local --name demo
 	$(PYTHON) tools/visualize.py runs/demo --shards data/demo --split val -o runs/demo/panels --count 1

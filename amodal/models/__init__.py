@@ -1,7 +1,7 @@
 """Models, selected by name from the recipe's [model] table: `build_model(cfg.model)`.
 
-Every model maps images (N, 3, S, S), S a multiple of 32 (of 16 for resnet_unet with 3 encoder layers), to logits (N, 34, 128, 128) laid out
-[left 17 | right 17] (docs/design.md §1).
+Every model maps images (N, 3, S, S), S a multiple of 32 (of 16 for resnet_unet with 3 encoder
+layers), to logits (N, 34, 128, 128) laid out [left 17 | right 17] (docs/design.md §1).
 
 | name | what |
 | --- | --- |

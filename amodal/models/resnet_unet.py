@@ -166,7 +166,7 @@ class ResNetUNet(nn.Module):
         wide = encoder_depth >= 50  # bottleneck blocks: 4x the channels
         layers = [64 * (4 if wide else 1) * 2**i for i in range(encoder_layers)]
         skip_channels = [*reversed(layers[:-1]), 64, 0]  # stride 16 (or 8), ..., 4, 2, none
-        decoder_channels = DECODER_CHANNELS[len(DECODER_CHANNELS) - len(skip_channels):]
+        decoder_channels = DECODER_CHANNELS[-len(skip_channels):]  # the coarsest stage goes with layer4
         self.stages = nn.ModuleList()
         channels = layers[-1]
         for skip, out in zip(skip_channels, decoder_channels):

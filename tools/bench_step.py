@@ -31,6 +31,16 @@ from amodal.models import build_model
 from amodal.optim import make_optimizer
 
 
+def step_parts(cfg):
+    """A recipe's model (seed 0), loss, fused optimizer as the trainer builds them, and one random batch
+    of its input size (targets 128x128)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    n, size = cfg.train.global_batch, cfg.data.input_size
+    return (model, build_loss(cfg.loss), make_optimizer(model, cfg.optim),
+            torch.rand(n, 3, size, size), torch.randint(0, NUM_CLASSES, (n, 2, 128, 128)))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="jobs/demo.toml")
@@ -42,26 +52,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     cfg = load_config(args.recipe, args.overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg.model).train()
-    loss_fn = build_loss(cfg.loss)
-    fused = make_optimizer(model, cfg.optim)
+    model, loss_fn, fused, x, target = step_parts(cfg)
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in fused.param_groups]
     foreach = torch.optim.AdamW(groups, lr=cfg.optim.lr, foreach=True)  # the same groups, the other kernel
     assert not any(g["fused"] for g in foreach.param_groups)
     n, size = cfg.train.global_batch, cfg.data.input_size
-    x = torch.rand(n, 3, size, size)
-    target = torch.randint(0, NUM_CLASSES, (n, 2, 128, 128))
 
     other = None
     if args.against:
         # Its own model, loss, optimizer and batch: an override of the input size, batch or loss counts.
-        other_cfg = load_config(args.recipe, args.overrides + args.against)
-        torch.manual_seed(0)
-        other_model = build_model(other_cfg.model).train()
-        n_b, size_b = other_cfg.train.global_batch, other_cfg.data.input_size
-        other = (other_model, build_loss(other_cfg.loss), make_optimizer(other_model, other_cfg.optim),
-                 torch.rand(n_b, 3, size_b, size_b), torch.randint(0, NUM_CLASSES, (n_b, 2, 128, 128)))
+        other = step_parts(load_config(args.recipe, args.overrides + args.against))
 
     def other_step() -> float:
         model_b, loss_b, opt_b, x_b, target_b = other

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from amodal.jobs import KINDS, read_requeues, scontrol_job, slurm_command
+from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
 
 
 def _slurm(*cmd: str) -> str:
@@ -58,16 +59,7 @@ def local_lines(job: dict) -> list[str]:
 
 def latest_events(path: Path) -> dict:
     """The newest metrics.jsonl record of each event kind (train, val, checkpoint, done, ...)."""
-    latest: dict = {}
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and "event" in record:
-                latest[record["event"]] = record
-    return latest
+    return {record["event"]: record for record in read_metrics(path) if "event" in record}
 
 
 def _ago(record: dict) -> str:
@@ -131,7 +123,7 @@ def describe(run_dir: Path) -> str:
         lines.append(f"checkpoint step {step}{f' of {steps}' if steps else ''}: {path}")
     else:
         lines.append("checkpoint none yet")
-    events = latest_events(run_dir / "metrics.jsonl")
+    events = latest_events(run_dir / METRICS_FILE)
     if "train" in events:
         e = events["train"]
         lines.append(f"train      step {e['step']}: loss {e['loss']:.4f}, lr {e['lr']:.3g}, "
@@ -158,7 +150,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(describe(args.run_dir.resolve()))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -42,7 +42,7 @@ from pathlib import Path
 import submitit
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-from amodal import signals
+from amodal import signals, slurm
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
 from amodal.signals import EXIT_INTERRUPTED
@@ -144,32 +144,10 @@ def _job_environment():
         return None
 
 
-def slurm_command(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run scontrol or sacct so that it ignores SIGTERM (`trap '' TERM` survives the exec): Slurm sends
-    SIGTERM to every process of a job it requeues or preempts, and a command started then, or the
-    `scontrol requeue` that causes it, would be killed before it answers."""
-    return subprocess.run(["sh", "-c", 'trap "" TERM; exec "$@"', "sh", *args], capture_output=True, text=True,
-                          timeout=30, check=check)
-
-
-def scontrol_job(job_id: str) -> dict:
-    """`scontrol show job` as a dict of its fields ({} when Slurm does not answer)."""
-    try:
-        out = slurm_command("scontrol", "-o", "show", "job", str(job_id)).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(token.split("=", 1) for token in out.split() if "=" in token)
-
-
 def sacct_requeue_kind(job_id: str) -> str | None:
     """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
     when accounting does not answer or gives no such state."""
-    try:
-        out = slurm_command("sacct", "-n", "-D", "-X", "-P", "-j", str(job_id), "-o", "State").stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    ended = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] not in ("RUNNING", "PENDING")]
-    return SACCT_KINDS.get(ended[-1]) if ended else None
+    return SACCT_KINDS.get(slurm.last_ended_state(job_id))
 
 
 def slurm_requeued(fields: dict) -> bool:
@@ -189,7 +167,7 @@ def requeue(env) -> None:
     """Requeue this job under its own id: `scontrol requeue` on Slurm; with submitit's local executor,
     the exit status its controller answers by starting the tasks again."""
     if env.cluster == "slurm":
-        slurm_command("scontrol", "requeue", str(env.job_id), check=True)
+        slurm.scontrol_requeue(env.job_id)
     else:
         sys.exit(LOCAL_REQUEUE_RETURN_CODE)
 
@@ -200,7 +178,7 @@ def requeue_now(env) -> None:
     try:
         requeue(env)
     except (OSError, subprocess.SubprocessError) as e:
-        if env.cluster == "slurm" and slurm_requeued(scontrol_job(env.job_id)):
+        if env.cluster == "slurm" and slurm_requeued(slurm.scontrol_job(env.job_id)):
             print(f"Slurm has requeued the job itself meanwhile (our scontrol requeue: {e})", flush=True)
         else:
             print(f"requeue failed: {e}", flush=True)
@@ -225,7 +203,7 @@ class Job:
     def checkpoint(self):
         """Called by submitit's own USR2 handler, which is active only where ours is not (an export job,
         the first moments of a training job). The job starts again from its run folder, so nothing is
-        saved here: requeue the job (ourselves, as a training job does: see slurm_command) unless Slurm
+        saved here: requeue the job (ourselves, as a training job does: see slurm.command) unless Slurm
         has already, and exit; or, when the wall-time bound says no, return None: submitit then ends
         the job. (submitit's SIGTERM handler only logs, so SIGTERM does not end us meanwhile.)"""
         requeued = self.interruption(from_dict(self.config, f"job config of {self.run_dir}"), {"SIGUSR2"})
@@ -240,12 +218,12 @@ class Job:
         requeues.json and say what happens next. Returns who requeues the job: "job" (we must, now),
         "slurm" (it did already) or "no"."""
         env = _job_environment()
-        fields = scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
+        fields = slurm.scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
         if fields and not slurm_requeued(fields) and not slurm_preempting(fields):
             # Slurm's record can lag its signals by a moment (seen with GraceTime 0 in an export job,
             # which reads it at once): look again before calling it the wall-time signal or scancel.
             time.sleep(2)
-            fields = scontrol_job(env.job_id)
+            fields = slurm.scontrol_job(env.job_id)
         by_slurm = slurm_requeued(fields)
         if by_slurm:
             # Which of the three sacct tells at the next start; USR2 with the SIGTERM means preemption.

@@ -9,40 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from amodal.jobs import KINDS, read_requeues, scontrol_job, slurm_command
+from amodal import slurm
+from amodal.jobs import KINDS, read_requeues
 from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
-
-
-def _slurm(*cmd: str) -> str:
-    """A Slurm command's output, "" when it does not answer."""
-    try:
-        return slurm_command(*cmd).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
 
 
 def slurm_lines(job_id: str) -> list[str]:
     """State (squeue while the job is queued or running, else sacct), runs and restarts of a Slurm job."""
-    if not shutil.which("squeue"):
+    if not slurm.installed():
         return [f"job        {job_id} on Slurm: no Slurm commands on this machine"]
-    queued = _slurm("squeue", "-h", "-j", job_id, "-o", "%T|%r|%N")
+    queued = slurm.squeue_row(job_id, "%T|%r|%N")
     if queued:
-        state, reason, nodes = queued.splitlines()[0].split("|")
+        state, reason, nodes = queued
         state += f" on {nodes}" if state == "RUNNING" else f" ({reason})"
     else:
-        final = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode").splitlines()
-        state = final[-1].replace("|", ", exit ") if final else "unknown (not in squeue or sacct yet)"
+        final = slurm.sacct_rows(job_id, "State,ExitCode")
+        state = ", exit ".join(final[-1]) if final else "unknown (not in squeue or sacct yet)"
     lines = [f"job        {job_id} on Slurm: {state}"]
-    runs = _slurm("sacct", "-n", "-D", "-X", "-P", "-j", job_id, "-o", "State").split()
+    runs = slurm.run_states(job_id)
     if runs:
         lines.append(f"runs       {' -> '.join(runs)} (sacct -D: one entry per start)")
-    restarts = scontrol_job(job_id).get("Restarts")
+    restarts = slurm.scontrol_job(job_id).get("Restarts")
     if restarts:
         lines.append(f"restarts   {restarts} (scontrol)")
     return lines

@@ -15,13 +15,8 @@ agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what h
 - USR2 otherwise: our `--signal=USR2@delay` before the wall-time limit. Requeue, at most
   `slurm.max_walltime_requeues` times.
 - SIGTERM otherwise: scancel. Never requeue: a cancelled job stays cancelled.
-Then every rank exits with EXIT_INTERRUPTED (75).
-
-Every interruption is one entry of <run>/requeues.json (read_requeues): written when rank 0 acts on
-the signal, or, for a run killed before it could (a node failure, SIGKILL after KillWait), by the next
-run of the same job as it starts. That next start also asks Slurm's accounting why Slurm requeued the
-job (sacct -D: PREEMPTED, NODE_FAIL, REQUEUED), and records the step it resumed at and how many steps
-it trains again (the ended run's last step, from <run>/last_step, minus the checkpoint's).
+Then every rank exits with EXIT_INTERRUPTED (75). Every interruption is one entry of
+<run>/requeues.json (amodal.requeues).
 
 The time left cannot tell wall time from preemption: Slurm moves the EndTime of a preempted job to
 the end of its grace time. A signal that comes while submitit's own handler is still (or again)
@@ -32,7 +27,6 @@ by starting the tasks again.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -45,95 +39,8 @@ from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 from amodal import signals, slurm
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
+from amodal.requeues import read_requeues, record_interruption, record_resume, record_start
 from amodal.signals import EXIT_INTERRUPTED
-from amodal.tracking import read_last_step
-
-
-# What ended a run of a job, as requeues.json and amodal.status name it.
-KINDS = {"walltime": "wall time", "preemption": "preemption", "node_failure": "node failure",
-         "requeue": "requeue by hand", "cancel": "scancel", "unknown": "unknown"}
-# sacct's state of a run that Slurm ended and requeued (sacct -D: one row per start of a job).
-SACCT_KINDS = {"PREEMPTED": "preemption", "NODE_FAIL": "node_failure", "REQUEUED": "requeue", "TIMEOUT": "walltime"}
-REQUEUES_FILE = "requeues.json"
-
-
-def read_requeues(run_dir: str | Path) -> dict:
-    """<run>/requeues.json, the run's record of its interruptions:
-
-    - "interruptions": one entry per interruption, oldest first: "kind" (a key of KINDS), "job_id",
-      "attempt" (the run of the job it ended), "signals" (seen by rank 0; none when killed outright),
-      "saved_at" (the step saved on the signal, or None), "stopped_at" (the last step that run trained),
-      "requeued" ("job": it requeued itself, "slurm": Slurm did, "no"), and once the job is back,
-      "resumed_at" (the step of the checkpoint it resumed from) and "redone" (stopped_at - resumed_at:
-      steps trained twice);
-    - "counts": interruptions of each kind;
-    - "attempt": the job and the number of its run (0 first) that started last in this folder.
-    """
-    record = {"interruptions": [], "attempt": None}
-    try:
-        saved = json.loads((Path(run_dir) / REQUEUES_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        saved = {}
-    record.update({k: saved[k] for k in record if k in saved})
-    return _counted(record)
-
-
-def _counted(record: dict) -> dict:
-    record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
-    return record
-
-
-def _write_requeues(run_dir: Path, record: dict) -> None:
-    _counted(record)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / REQUEUES_FILE, json.dumps(record, indent=1) + "\n")
-
-
-def record_start(run_dir: Path, job_id: str, on_slurm: bool) -> dict | None:
-    """Rank 0, as a job's run starts: when it is the same job started again, complete the record of the
-    interruption that ended its previous run, or write one if that run left none (killed before it
-    could act on a signal: a node failure, a preemption past KillWait). Slurm's accounting says why
-    Slurm ended the run; it is read now, when the ended run's row is final, and wins over what the run
-    saw, except for our own requeues (sacct: REQUEUED). Returns that entry."""
-    record = read_requeues(run_dir)
-    previous = record["attempt"]
-    same_job = previous is not None and previous["job_id"] == job_id
-    record["attempt"] = {"job_id": job_id, "number": previous["number"] + 1 if same_job else 0}
-    entry = None
-    if same_job:
-        last = record["interruptions"][-1] if record["interruptions"] else None
-        if last is not None and last["attempt"] == previous:
-            entry = last
-        else:
-            entry = {"kind": "unknown", "job_id": job_id, "attempt": previous, "signals": [], "saved_at": None,
-                     "stopped_at": None, "requeued": "slurm", "resumed_at": None, "redone": None,
-                     "time": round(time.time(), 3)}
-            record["interruptions"].append(entry)
-        slurm_kind = sacct_requeue_kind(job_id) if on_slurm else None
-        if slurm_kind is not None and not (slurm_kind == "requeue" and entry["requeued"] == "job"):
-            entry["kind"] = slurm_kind
-        last_step = read_last_step(run_dir)
-        if last_step is not None:
-            entry["stopped_at"] = last_step
-    _write_requeues(run_dir, record)
-    return entry
-
-
-def record_resume(run_dir: Path, step: int) -> None:
-    """Rank 0, once training has restored its checkpoint: the step the interruption before this run
-    resumed at, and how many steps of the ended run are trained again."""
-    record = read_requeues(run_dir)
-    attempt = record["attempt"]
-    if not record["interruptions"] or attempt is None or attempt["number"] == 0:
-        return
-    entry = record["interruptions"][-1]
-    if entry["attempt"] != {"job_id": attempt["job_id"], "number": attempt["number"] - 1}:
-        return
-    entry["resumed_at"] = step
-    entry["redone"] = entry["stopped_at"] - step if entry["stopped_at"] is not None else None
-    _write_requeues(run_dir, record)
-    redone = f"{entry['redone']} steps trained again" if entry["redone"] is not None else "steps redone unknown"
-    print(f"restart {attempt['number']} after {KINDS[entry['kind']]}: resumed at step {step}, {redone}", flush=True)
 
 
 def _job_environment():
@@ -142,12 +49,6 @@ def _job_environment():
         return submitit.JobEnvironment()
     except RuntimeError:
         return None
-
-
-def sacct_requeue_kind(job_id: str) -> str | None:
-    """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
-    when accounting does not answer or gives no such state."""
-    return SACCT_KINDS.get(slurm.last_ended_state(job_id))
 
 
 def slurm_requeued(fields: dict) -> bool:
@@ -235,16 +136,11 @@ class Job:
         else:
             kind = "walltime"
         run_dir = Path(self.run_dir)
-        record = read_requeues(run_dir)
-        count = record["counts"][kind] + 1
+        count = read_requeues(run_dir)["counts"][kind] + 1
         limit = cfg.slurm.max_walltime_requeues
         ourselves = not by_slurm and (kind == "preemption" or (kind == "walltime" and count <= limit))
         requeued = "job" if ourselves else "slurm" if by_slurm else "no"
-        record["interruptions"].append({
-            "kind": kind, "job_id": str(env.job_id) if env is not None else None, "attempt": record["attempt"],
-            "signals": sorted(signals), "saved_at": step, "stopped_at": step, "requeued": requeued,
-            "resumed_at": None, "redone": None, "time": round(time.time(), 3)})
-        _write_requeues(run_dir, record)
+        record_interruption(run_dir, kind, str(env.job_id) if env is not None else None, signals, step, requeued)
         if by_slurm:
             why = "preempted" if kind == "preemption" else "requeued by hand or a node failure"
             print(f"Slurm is requeuing the job itself ({why}; {', '.join(sorted(signals))}): it comes back under "

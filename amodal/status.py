@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from amodal import slurm
-from amodal.jobs import KINDS, read_requeues
+from amodal.requeues import KINDS, read_requeues
 from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
 
 

@@ -88,7 +88,7 @@ class RunLog:
     def step_done(self, step: int) -> None:
         """Rewrite <run>/last_step after every step: one small write, no fsync. A job killed without
         warning (or one that saved a step earlier than its last) leaves there how far it got, so its
-        next start can count the steps it trains again (amodal/jobs.py, requeues.json)."""
+        next start can count the steps it trains again (amodal/requeues.py, requeues.json)."""
         if self.main:
             os.pwrite(self._last_step, f"{step:>12d}\n".encode(), 0)  # fixed width: nothing to truncate
 

@@ -28,7 +28,7 @@ import torch
 
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
-from amodal.jobs import KINDS, read_requeues
+from amodal.requeues import KINDS, read_requeues
 from amodal.tracking import METRICS_FILE, read_last_step, read_metrics
 from conftest import sh, wait_until
 

@@ -4,25 +4,14 @@ As in DINO's run_with_submitit.py, the job object is what submitit pickles; a re
 the same object again under the same job id, and it resumes from its run folder. Unlike DINO, a
 training job does not checkpoint inside a signal handler: for the whole job USR2 and SIGTERM only set
 a flag (amodal.signals' handlers replace submitit's), the loop stops at a step boundary with every rank
-agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (docs/design.md §3):
+agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened and who
+requeues the job (amodal.outcome: wall time, preemption with or without grace time, a node failure or
+a requeue by hand, scancel), record it in <run>/requeues.json (amodal.requeues), requeue the job when
+that is ours to do, and every rank exits with EXIT_INTERRUPTED (75).
 
-- Slurm has already requeued the job: its Restarts count (`scontrol show job`) is past this run's
-  SLURM_RESTART_COUNT. That is a preemption without grace time (USR2 and SIGTERM together) or past it,
-  a requeue by hand or a node failure (SIGTERM alone); the job leaves the requeue to Slurm.
-- Slurm is preempting the job with a grace time: the job has a PreemptTime and only USR2 came. Requeue
-  now with `scontrol requeue`: a job that exits during its grace time is otherwise recorded as FAILED
-  and never comes back. Preemption requeues are not bounded.
-- USR2 otherwise: our `--signal=USR2@delay` before the wall-time limit. Requeue, at most
-  `slurm.max_walltime_requeues` times.
-- SIGTERM otherwise: scancel. Never requeue: a cancelled job stays cancelled.
-Then every rank exits with EXIT_INTERRUPTED (75). Every interruption is one entry of
-<run>/requeues.json (amodal.requeues).
-
-The time left cannot tell wall time from preemption: Slurm moves the EndTime of a preempted job to
-the end of its grace time. A signal that comes while submitit's own handler is still (or again)
-installed, i.e. before train() or in an export job, goes through Job.checkpoint() and the same
-decision. With submitit's local executor "requeue" is exit status 144, which its controller answers
-by starting the tasks again.
+A signal that comes while submitit's own handler is still (or again) installed, i.e. before train() or
+in an export job, goes through Job.checkpoint() and the same decision. With submitit's local executor
+"requeue" is exit status 144, which its controller answers by starting the tasks again.
 """
 
 from __future__ import annotations
@@ -39,6 +28,7 @@ from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 from amodal import signals, slurm
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
+from amodal.outcome import decide, look_again, slurm_requeued
 from amodal.requeues import read_requeues, record_interruption, record_resume, record_start
 from amodal.signals import EXIT_INTERRUPTED
 
@@ -51,17 +41,9 @@ def _job_environment():
         return None
 
 
-def slurm_requeued(fields: dict) -> bool:
-    """Whether Slurm has already ended this run and requeued the job (`scontrol show job` fields): its
-    Restarts count is past this run's SLURM_RESTART_COUNT. So it is after a preemption without grace
-    time (or past it), a requeue by hand and a node failure; the SIGTERM that ends the run comes after."""
-    restarts = fields.get("Restarts", "0")
-    return restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-
-
-def slurm_preempting(fields: dict) -> bool:
-    """Whether Slurm is preempting this job with a grace time: the job has a PreemptTime."""
-    return fields.get("PreemptTime", "None") not in ("None", "Unknown")
+def _restart_count() -> int:
+    """This run's number among the runs of its Slurm job (SLURM_RESTART_COUNT; 0 for the first)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
 def requeue(env) -> None:
@@ -79,7 +61,7 @@ def requeue_now(env) -> None:
     try:
         requeue(env)
     except (OSError, subprocess.SubprocessError) as e:
-        if env.cluster == "slurm" and slurm_requeued(slurm.scontrol_job(env.job_id)):
+        if env.cluster == "slurm" and slurm_requeued(slurm.scontrol_job(env.job_id), _restart_count()):
             print(f"Slurm has requeued the job itself meanwhile (our scontrol requeue: {e})", flush=True)
         else:
             print(f"requeue failed: {e}", flush=True)
@@ -120,39 +102,17 @@ class Job:
         "slurm" (it did already) or "no"."""
         env = _job_environment()
         fields = slurm.scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
-        if fields and not slurm_requeued(fields) and not slurm_preempting(fields):
-            # Slurm's record can lag its signals by a moment (seen with GraceTime 0 in an export job,
-            # which reads it at once): look again before calling it the wall-time signal or scancel.
-            time.sleep(2)
+        restart_count = _restart_count()
+        if look_again(fields, restart_count):
+            time.sleep(2)  # Slurm's record can lag its signals by a moment
             fields = slurm.scontrol_job(env.job_id)
-        by_slurm = slurm_requeued(fields)
-        if by_slurm:
-            # Which of the three sacct tells at the next start; USR2 with the SIGTERM means preemption.
-            kind = "preemption" if "SIGUSR2" in signals else "requeue"
-        elif slurm_preempting(fields):
-            kind = "preemption"
-        elif "SIGTERM" in signals:
-            kind = "cancel"
-        else:
-            kind = "walltime"
         run_dir = Path(self.run_dir)
-        count = read_requeues(run_dir)["counts"][kind] + 1
-        limit = cfg.slurm.max_walltime_requeues
-        ourselves = not by_slurm and (kind == "preemption" or (kind == "walltime" and count <= limit))
-        requeued = "job" if ourselves else "slurm" if by_slurm else "no"
-        record_interruption(run_dir, kind, str(env.job_id) if env is not None else None, signals, step, requeued)
-        if by_slurm:
-            why = "preempted" if kind == "preemption" else "requeued by hand or a node failure"
-            print(f"Slurm is requeuing the job itself ({why}; {', '.join(sorted(signals))}): it comes back under "
-                  f"the same job id" + (f" and resumes at step {step}" if step is not None else ""), flush=True)
-        elif kind == "cancel":
-            print("stopped by SIGTERM (scancel): not requeued", flush=True)
-        elif not ourselves:
-            print(f"wall-time signal {count} times (slurm.max_walltime_requeues = {limit}): not requeued", flush=True)
-        else:
-            print(f"requeueing after {'the wall-time signal' if kind == 'walltime' else 'preemption'} "
-                  f"({kind} {count})", flush=True)
-        return requeued
+        outcome = decide(fields, restart_count, signals, read_requeues(run_dir)["counts"],
+                         cfg.slurm.max_walltime_requeues, step)
+        job_id = str(env.job_id) if env is not None else None
+        record_interruption(run_dir, outcome.kind, job_id, signals, step, outcome.requeued)
+        print(outcome.message, flush=True)
+        return outcome.requeued
 
 
 class TrainJob(Job):

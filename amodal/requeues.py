@@ -16,13 +16,9 @@ from pathlib import Path
 
 from amodal import slurm
 from amodal.fileio import write_text_atomic
+from amodal.outcome import KINDS, kind_at_next_start
 from amodal.tracking import read_last_step
 
-# What ended a run of a job, as requeues.json and amodal.status name it.
-KINDS = {"walltime": "wall time", "preemption": "preemption", "node_failure": "node failure",
-         "requeue": "requeue by hand", "cancel": "scancel", "unknown": "unknown"}
-# sacct's state of a run that Slurm ended and requeued (sacct -D: one row per start of a job).
-SACCT_KINDS = {"PREEMPTED": "preemption", "NODE_FAIL": "node_failure", "REQUEUED": "requeue", "TIMEOUT": "walltime"}
 REQUEUES_FILE = "requeues.json"
 
 
@@ -92,9 +88,8 @@ def record_start(run_dir: Path, job_id: str, on_slurm: bool) -> dict | None:
         else:
             entry = _entry("unknown", job_id, previous, set(), None, "slurm")
             record["interruptions"].append(entry)
-        slurm_kind = sacct_requeue_kind(job_id) if on_slurm else None
-        if slurm_kind is not None and not (slurm_kind == "requeue" and entry["requeued"] == "job"):
-            entry["kind"] = slurm_kind
+        sacct_state = slurm.last_ended_state(job_id) if on_slurm else None
+        entry["kind"] = kind_at_next_start(entry["kind"], entry["requeued"], sacct_state)
         last_step = read_last_step(run_dir)
         if last_step is not None:
             entry["stopped_at"] = last_step
@@ -117,9 +112,3 @@ def record_resume(run_dir: Path, step: int) -> None:
     _write_requeues(run_dir, record)
     redone = f"{entry['redone']} steps trained again" if entry["redone"] is not None else "steps redone unknown"
     print(f"restart {attempt['number']} after {KINDS[entry['kind']]}: resumed at step {step}, {redone}", flush=True)
-
-
-def sacct_requeue_kind(job_id: str) -> str | None:
-    """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
-    when accounting does not answer or gives no such state."""
-    return SACCT_KINDS.get(slurm.last_ended_state(job_id))

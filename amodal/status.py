@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from amodal import slurm
-from amodal.requeues import KINDS, read_requeues
+from amodal.outcome import KINDS
+from amodal.requeues import read_requeues
 from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
 
 

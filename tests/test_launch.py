@@ -16,6 +16,7 @@ import pytest
 from amodal import jobs, launch, requeues, status
 from amodal.checkpoint import list_checkpoints
 from amodal.config import load_config
+from amodal.outcome import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "jobs" / "smoke.toml")
@@ -148,7 +149,7 @@ def test_walltime_requeues_are_bounded(tmp_path):
     assert [job.interruption(cfg, {"SIGUSR2"}) for _ in range(3)] == ["job", "job", "no"]
     assert job.interruption(cfg, {"SIGTERM"}) == "no"  # scancel: never requeued
     record = requeues.read_requeues(tmp_path)
-    assert record["counts"] == dict(dict.fromkeys(requeues.KINDS, 0), walltime=3, cancel=1)
+    assert record["counts"] == dict(dict.fromkeys(KINDS, 0), walltime=3, cancel=1)
     assert [(e["kind"], e["requeued"]) for e in record["interruptions"]] == [
         ("walltime", "job"), ("walltime", "job"), ("walltime", "no"), ("cancel", "no")]
 
@@ -175,7 +176,7 @@ def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch,
     last = list_checkpoints(run)[-1][0]
     assert first < last < 5000
     record = requeues.read_requeues(run)
-    assert record["counts"] == dict(dict.fromkeys(requeues.KINDS, 0), walltime=2)
+    assert record["counts"] == dict(dict.fromkeys(KINDS, 0), walltime=2)
     # The second run of the job resumed where the signal stopped the first: no step trained twice.
     one, two = record["interruptions"]
     assert (one["saved_at"], one["stopped_at"], one["resumed_at"], one["redone"]) == (first, first, first, 0)

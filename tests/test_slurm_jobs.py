@@ -28,7 +28,8 @@ import torch
 
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
-from amodal.requeues import KINDS, read_requeues
+from amodal.outcome import KINDS
+from amodal.requeues import read_requeues
 from amodal.tracking import METRICS_FILE, read_last_step, read_metrics
 from conftest import sh, wait_until
 

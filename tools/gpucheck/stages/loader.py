@@ -97,7 +97,7 @@ def stage_loader(check: Check, res: Result) -> None:
                        f"each, i.e. {need + 1} cores per GPU with the training process")
         res.value(f"cores_per_gpu_{on}", need + 1)
         if on == "device":
-            warp_rate = batched_warp_rate(ds, batch, cfg, device, s.loader_seconds)
+            warp_rate = batched_warp_rate(ds, batch, cfg, device, s.loader_seconds / 2)
             res.value("device_warp_images_per_s", warp_rate)
             warp_rows = res.table("The batched warp of augment.on=device on the training device (collated batches "
                                   "already there)", ["batch", "images/s", "share of the step time"])
@@ -107,7 +107,7 @@ def stage_loader(check: Check, res: Result) -> None:
     res.value("loader_per_worker_device", per_worker["device"])
     res.value("cores_per_gpu", math.ceil(gpu_rate / per_worker["worker"]) + 1)
     res.summary("; ".join(verdict))
-    jpeg_decode_rows(res, root, cfg, device, s.loader_seconds)
+    jpeg_decode_rows(res, root, cfg, device, s.loader_seconds / 2)
     if not cuda:
         res.note("CPU rehearsal: the 'GPU' rate is the CPU's own fp32 step; the verdict means nothing here")
     res.note("the step rate has no per-step host synchronisation; the trainer's rate (next stage) includes its "

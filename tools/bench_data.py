@@ -266,7 +266,7 @@ def main(argv=None) -> int:
             sets[device_row] = ShardDataset(tmp / "v2-jpeg95", "train", args.input_size, augment=AugmentConfig(),
                                             on_device=True)
         print(f"built {args.samples} frames of {FRAME_W}x{FRAME_H} (course layout) and their shards in "
-              f"{len(sets)} layouts in {time.perf_counter() - t:.1f}s")
+              f"{len(args.layouts)} layouts in {time.perf_counter() - t:.1f}s")
 
         cfg = AugmentConfig()
         course = CoursePath(tmp / "course", cfg, args.input_size)

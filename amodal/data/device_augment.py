@@ -1,13 +1,14 @@
-"""Augmentation of a whole batch on the training device (`augment.on = "device"`; FORMAT.md, "Loader").
+"""Augmentation of a whole batch on the training device (`augment.on = "device"`; FORMAT.md).
 
 On the worker path (amodal.data.augment.apply) each loader worker warps, colour-scales and flips its
 samples with OpenCV. On this path a worker only reads and decodes (`canvas_sample`): it returns the
 context crop at the top left of a fixed canvas (uint8, zero beyond the crop, so a batch stacks), the
-label and front maps on a canvas of the same side, the two affine matrices of box_affine (to the input
-side and to the 128² targets) and the sample's colour gains and flip, all drawn as on the worker path.
-After the host-to-device copy, `augment_batch` warps the batch in one call per kind (affine_grid +
-grid_sample: bilinear for the image, nearest for the maps), applies the gains, clips, and swaps the
-left and right maps and the front values 1 <-> 2 of flipped samples.
+label and front maps on a canvas of the same side, the sampling parameters (affine_grid's theta) of
+box_affine's two matrices, to the input side and to the 128² targets, and the sample's colour gains
+and flip, all drawn as on the worker path. After the host-to-device copy, `augment_batch` warps the
+batch in one call per kind (affine_grid + grid_sample: bilinear for the image, nearest for the maps),
+applies the gains, clips, and swaps the left and right maps and the front values 1 <-> 2 of flipped
+samples.
 
 Conventions: OpenCV's warpAffine puts pixel i's centre at i and reads 0 outside the source
 (BORDER_CONSTANT); grid_sample with align_corners=False puts it at (2i + 1) / side - 1 and, with
@@ -16,7 +17,8 @@ crop warps on its canvas as it would alone.
 
 Decoding at the size needed: where the warp samples the crop at 2 (or 4) source pixels per output pixel
 or more along both axes, the JPEG decoder returns the crop at 1/2 (1/4) of its side (`reduction`), and
-the image matrix is scaled to match. Measured differences from the worker path: tests/test_device_augment.py.
+the image matrix is scaled to match. Measured differences from the worker path:
+tests/test_device_augment.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from amodal.data.augment import AugParams, box_affine
 from amodal.labels import FRONT_LEFT, FRONT_RIGHT, TARGET_SIZE
 
 # the batch entries a worker sends for augment_batch, beside "index" and "key"
-DEVICE_KEYS = ("crop", "maps", "affine", "affine_target", "gains", "flip")
+DEVICE_KEYS = ("crop", "maps", "theta", "theta_target", "gains", "flip")
 
 
 def resolve_on(on: str, device: torch.device) -> str:
@@ -66,8 +68,8 @@ def canvas_sample(image: np.ndarray, reduce: int, bbox, params: AugParams, input
     crop[:image.shape[0], :image.shape[1]] = image
     m = box_affine(bbox, input_size, params)
     out = {"crop": torch.from_numpy(crop),
-           "affine": torch.from_numpy(reduced_affine(m, reduce) if reduce > 1 else m),
-           "affine_target": torch.from_numpy(box_affine(bbox, TARGET_SIZE, params)),
+           "theta": sampling_theta(reduced_affine(m, reduce) if reduce > 1 else m, canvas, input_size),
+           "theta_target": sampling_theta(box_affine(bbox, TARGET_SIZE, params), canvas, TARGET_SIZE),
            "gains": torch.tensor(params.gains, dtype=torch.float32),
            "flip": torch.tensor(params.flip)}
     s = labels.shape[1]
@@ -79,19 +81,18 @@ def canvas_sample(image: np.ndarray, reduce: int, bbox, params: AugParams, input
     return out
 
 
-def _grid(affine: torch.Tensor, canvas: int, size: int) -> torch.Tensor:
-    """Sampling grid of output size² from canvas² for matrices taking source pixels to output pixels."""
-    b = affine.shape[0]
-    m = torch.zeros(b, 3, 3, dtype=torch.float64, device=affine.device)
-    m[:, :2] = affine.to(torch.float64)
-    m[:, 2, 2] = 1.0
+def _normalised(side: int) -> np.ndarray:
+    """Pixel coordinates to grid_sample's (align_corners=False): pixel i's centre -> (2i + 1) / side - 1."""
+    return np.array([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]])
 
-    def to_normalised(side):  # pixel centre i -> (2i + 1) / side - 1 (align_corners=False)
-        return torch.tensor([[2 / side, 0, 1 / side - 1], [0, 2 / side, 1 / side - 1], [0, 0, 1]],
-                            dtype=torch.float64, device=affine.device)
 
-    theta = to_normalised(canvas) @ torch.linalg.inv(m) @ torch.linalg.inv(to_normalised(size))
-    return F.affine_grid(theta[:, :2].float(), [b, 1, size, size], align_corners=False)
+def sampling_theta(m: np.ndarray, canvas: int, size: int) -> torch.Tensor:
+    """affine_grid's theta (output -> source, normalised) for a matrix m taking canvas pixels to output
+    pixels of a size² output. Computed in the worker, in float64: the device gets it with the batch,
+    and no small tensor has to be copied to it (a copy from pageable memory waits for the GPU)."""
+    m3 = np.vstack([m, [0, 0, 1]])
+    theta = _normalised(canvas) @ np.linalg.inv(m3) @ np.linalg.inv(_normalised(size))
+    return torch.from_numpy(theta[:2].astype(np.float32))
 
 
 def augment_batch(batch: dict, device: torch.device, input_size: int) -> dict:
@@ -100,14 +101,15 @@ def augment_batch(batch: dict, device: torch.device, input_size: int) -> dict:
     when the maps hold it, front (B, 128, 128) uint8; index and key passed on. The crop stays on the
     device as uint8 until here: a quarter of the bytes of the float image it becomes."""
     on = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS if k in batch}
-    canvas = on["crop"].shape[1]
+    b = len(batch["index"])
     image = on["crop"].permute(0, 3, 1, 2).float()
-    image = F.grid_sample(image, _grid(on["affine"], canvas, input_size), mode="bilinear",
-                          padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(on["theta"], [b, 1, input_size, input_size], align_corners=False)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     image = (image * (on["gains"] / 255.0)[:, :, None, None]).clamp_(0.0, 1.0)
     out = {"image": image, "index": batch["index"], "key": batch["key"]}
-    maps = F.grid_sample(on["maps"].float(), _grid(on["affine_target"], canvas, TARGET_SIZE),
-                         mode="nearest", padding_mode="zeros", align_corners=False).to(torch.uint8)
+    grid = F.affine_grid(on["theta_target"], [b, 1, TARGET_SIZE, TARGET_SIZE], align_corners=False)
+    maps = F.grid_sample(on["maps"].float(), grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False).to(torch.uint8)
     flip = on["flip"][:, None, None]
     left, right = maps[:, 0], maps[:, 1]
     out["target"] = torch.stack([torch.where(flip, right, left), torch.where(flip, left, right)], 1).long()

@@ -35,9 +35,10 @@ DEVICE_KEYS = ("crop", "maps", "theta", "theta_target", "gains", "flip")
 
 
 def resolve_on(on: str, device: torch.device) -> str:
-    """augment.on as run: "auto" is "device" on CUDA, "worker" elsewhere (on 2 CPU cores the main
-    process warping each batch costs training speed that a worker running beside it does not:
-    tools/bench_train.py, FORMAT.md "Loader")."""
+    """augment.on as run: "auto" is "device" on CUDA, "worker" elsewhere: on the CPU the batched warp
+    costs more per sample than OpenCV's per-sample warp, and the training process would do it on the
+    cores the model trains on (tools/bench_data.py, tools/bench_train.py; FORMAT.md, "Augmentation on
+    the training device")."""
     if on == "auto":
         return "device" if device.type == "cuda" else "worker"
     return on
@@ -98,9 +99,9 @@ def sampling_theta(m: np.ndarray, canvas: int, size: int) -> torch.Tensor:
 def augment_batch(batch: dict, device: torch.device, input_size: int) -> dict:
     """A collated batch of canvas_sample()s, copied to `device` and augmented there: image (B, 3, S, S)
     float32 in [0, 1] (channels B, G, R as on the worker path), target (B, 2, 128, 128) int64 and,
-    when the maps hold it, front (B, 128, 128) uint8; index and key passed on. The crop stays on the
-    device as uint8 until here: a quarter of the bytes of the float image it becomes."""
-    on = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS if k in batch}
+    when the maps hold it, front (B, 128, 128) uint8; index and key passed on. The crop crosses to the
+    device as uint8: a quarter of the bytes of the float image it becomes there."""
+    on = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_KEYS}
     b = len(batch["index"])
     image = on["crop"].permute(0, 3, 1, 2).float()
     grid = F.affine_grid(on["theta"], [b, 1, input_size, input_size], align_corners=False)

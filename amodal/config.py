@@ -61,6 +61,14 @@ class AugmentConfig:
     rotation_prob: float = 0.6
     colour: float = 0.3  # c: per-channel gain in [1 - c, 1 + c]
     flip: float = 0.5  # probability of a horizontal flip (swaps the hands)
+    # Where the warp, colour gain and flip run: "worker" (per sample, in the loader workers), "device"
+    # (the workers only read and decode; the batch is augmented on the training device,
+    # amodal/data/device_augment.py), or "auto": device on CUDA, worker on the CPU (measured faster there).
+    on: str = "auto"
+
+    def __post_init__(self):
+        if self.on not in ("auto", "worker", "device"):
+            raise ConfigError(f"augment.on = {self.on!r}: expected 'auto', 'worker' or 'device'")
 
 
 @dataclass

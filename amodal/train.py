@@ -50,6 +50,7 @@ from amodal import checkpoint as ckpt
 from amodal import signals
 from amodal.config import Config, ConfigError, job_config, load_config
 from amodal.data.dataset import ShardDataset
+from amodal.data.device_augment import augment_batch, resolve_on
 from amodal.data.format import ShardError
 from amodal.data.pack import ensure_synthetic
 from amodal.data.sampler import build_eval_loader, build_train_loader, per_rank_batch
@@ -164,7 +165,8 @@ class Trainer:
 
         data = cfg.data
         root = data_root or data.root
-        self.train_ds = ShardDataset(root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed)
+        self.train_ds = ShardDataset(root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed,
+                                     on_device=resolve_on(cfg.augment.on, self.device) == "device")
         if not self.train_ds.has_labels:
             raise ConfigError(f"data.train_splits = {data.train_splits}: no labels in {data.root}")
         self.val_ds = None
@@ -367,6 +369,7 @@ class Trainer:
                       + (f", {torch.get_num_threads()} CPU threads" if not cuda else "") + f", run {self.run_dir}")
         self.log.event("start", step=self.step, resumed_from=self.last_path, world_size=self.world,
                        device=str(self.device), cpu_threads=torch.get_num_threads(),
+                       augment_on_device=self.train_ds.on_device,
                        precision=str(self.amp_dtype) if self.amp_dtype else "fp32", wandb=self.tracker.mode,
                        wandb_run_id=self.tracker.run_id)
 
@@ -388,7 +391,10 @@ class Trainer:
         batches = iter(self.loader)
         stop = False
         while self.step < t.steps and not stop:
-            loss, stop = self.train_step(next(batches))
+            batch = next(batches)
+            if self.train_ds.on_device:  # augment.on = "device": the workers sent crops to warp here
+                batch = augment_batch(batch, self.device, self.cfg.data.input_size)
+            loss, stop = self.train_step(batch)
             self.log.step_done(self.step)
             window.add(loss)
             if self.log.bar is not None:

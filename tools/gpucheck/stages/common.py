@@ -1,4 +1,4 @@
-"""Helpers more than one stage uses: threads on the CPU, device synchronisation, the synthetic set."""
+"""Helpers more than one stage uses: threads on the CPU, the synthetic set."""
 
 from __future__ import annotations
 
@@ -15,13 +15,6 @@ def cpu_threads(check: Check) -> None:
         import torch
 
         torch.set_num_threads(1)
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def ensure_data(check: Check, res: Result) -> Path:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import shutil
 import time
 
-from gpucheck.stages.common import ensure_data, sync
+from gpucheck.stages.common import ensure_data
 from gpucheck.state import RECIPE, ROOT, Check, Result
 
 
 def stage_export(check: Check, res: Result) -> None:
     import torch
 
+    from amodal.bench import sync
     from amodal.checkpoint import save_checkpoint
     from amodal.config import load_config
     from amodal.data.dataset import ShardDataset

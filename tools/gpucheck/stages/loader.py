@@ -7,18 +7,18 @@ import math
 import time
 
 from gpucheck.machine import cores as usable_cores
-from gpucheck.stages.common import cpu_threads, ensure_data, sync
+from gpucheck.stages.common import cpu_threads, ensure_data
 from gpucheck.state import RECIPE, Check, Result
 
 
 def stage_loader(check: Check, res: Result) -> None:
     import torch
 
+    from amodal.bench import sync
     from amodal.config import load_config
     from amodal.data.dataset import ShardDataset
     from amodal.data.sampler import build_train_loader
-    from amodal.losses import build_loss
-    from amodal.models import build_model
+    from amodal.step import build_step
 
     s = check.sizes
     cpu_threads(check)
@@ -33,28 +33,20 @@ def stage_loader(check: Check, res: Result) -> None:
     counts = [n for n in counts if n <= max(1, cores - 1)] or [1]
 
     # The GPU's step rate at the recipe, data already on the device: what the loader has to keep up with.
-    torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
+    # The trainer's own step (amodal/step.py): its model, loss, optimizer, precision and layout.
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=cuda or None)
+    training_step = build_step(cfg, device)
     sample = next(iter(build_train_loader(ds, batch, 0, 1, cfg.train.seed, 0)))
-    images = sample["image"].to(device)
-    if cuda:
-        images = images.contiguous(memory_format=torch.channels_last)
-    target = sample["target"].to(device)
+    images, target = training_step.to_device(sample["image"], sample["target"])
+
+    precision = ", ".join([str(training_step.amp_dtype or "fp32").replace("torch.", "")]
+                          + ["channels_last"] * training_step.channels_last + ["the trainer's fused AdamW"])
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(model(images), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+        training_step(images, target)
 
     for _ in range(3):
         step()
@@ -71,8 +63,8 @@ def stage_loader(check: Check, res: Result) -> None:
     gpu_rows = res.table(f"{'GPU' if cuda else 'CPU'} training step at the recipe (data already on the device)",
                          ["model", "batch", "precision", "steps/s", "images/s"])
     res.add(gpu_rows, f"{cfg.model.name} (ResNet-{cfg.model.encoder_depth}), {cfg.loss.name} loss", batch,
-            "bf16, channels_last, fused AdamW" if cuda else "fp32", gpu_rate / batch, gpu_rate)
-    del model, opt
+            precision, gpu_rate / batch, gpu_rate)
+    del training_step
     if cuda:
         torch.cuda.empty_cache()
 

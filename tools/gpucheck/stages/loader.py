@@ -109,6 +109,7 @@ def stage_loader(check: Check, res: Result) -> None:
 def loader_rate(res: Result, rows: list, ds, batch, cfg, workers, device, seconds, gpu_rate) -> float:
     """Samples/s of the training loader with `workers` workers, each batch of augment.on=device warped on
     `device` as the trainer does; one row of the loader table."""
+    from amodal.bench import sync
     from amodal.data.device_augment import augment_batch
     from amodal.data.sampler import build_train_loader
 
@@ -143,6 +144,7 @@ def batched_warp_rate(ds, batch, cfg, device, seconds) -> float:
     import torch
     from torch.utils.data import default_collate
 
+    from amodal.bench import sync
     from amodal.data.device_augment import augment_batch
 
     collated = default_collate([ds[(0, i)] for i in range(min(batch, len(ds)))])
@@ -168,6 +170,7 @@ def jpeg_decode_rows(res: Result, root, cfg, device, seconds) -> None:
     import torch
     from torchvision.io import decode_jpeg
 
+    from amodal.bench import sync
     from amodal.data.dataset import ShardDataset
 
     ds = ShardDataset(root, cfg.data.train_splits, cfg.data.input_size)

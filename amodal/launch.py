@@ -23,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from amodal.checkpoint import check_finished_source
-from amodal.config import Config, ConfigError, absolute_paths, job_config, load_config, sweep_points
+from amodal.config import (Config, ConfigError, absolute_paths, check_config, job_config, load_config, ranks_per_node,
+                           sweep_points)
 from amodal.fileio import write_text_atomic
 from amodal.jobs import make_job
 
@@ -62,8 +63,7 @@ def resolve_config(args) -> Config:
         if source.suffix == ".pt":
             source = source.parent.parent if source.parent.name == "checkpoints" else source.parent
         cfg = replace(cfg, run_dir=str(source / "export"))
-    if cfg.slurm.hours <= 0:
-        raise ConfigError(f"slurm.hours = {cfg.slurm.hours}: must be positive")
+    check_config(cfg, f"{args.recipe or DEFAULT_RECIPE} with the command line's options")  # flags, --name
     return absolute_paths(cfg)
 
 
@@ -76,7 +76,7 @@ def limits(cfg: Config, cluster: str) -> tuple[float, int]:
 
 
 def tasks_per_node(cfg: Config) -> int:
-    return cfg.slurm.tasks_per_node or max(cfg.slurm.gpus_per_node, 1)  # one task (rank) per GPU
+    return ranks_per_node(cfg.slurm)
 
 
 def slurm_parameters(cfg: Config, after: str | None, array: int) -> dict:

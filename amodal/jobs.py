@@ -75,10 +75,14 @@ class Job:
         self.run_dir = str(run_dir)
 
     def __call__(self):
+        from amodal.preflight import check_inputs  # here: the launcher imports this module before torch
+
+        cfg = from_dict(self.config, f"job config of {self.run_dir}")
+        check_inputs(cfg)  # again where the job runs: what was there at submission may be gone
         env = _job_environment()
         if env is not None and env.global_rank == 0:
             record_start(Path(self.run_dir), str(env.job_id), env.cluster == "slurm")
-        return self.run(from_dict(self.config, f"job config of {self.run_dir}"), Path(self.run_dir))
+        return self.run(cfg, Path(self.run_dir))
 
     def run(self, cfg: Config, run_dir: Path):
         raise NotImplementedError

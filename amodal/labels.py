@@ -1,7 +1,6 @@
 """The label space of the task (docs/design.md §1): 16 parts per hand, two hands, [left | right]."""
 
 import numpy as np
-import torch
 
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 SEGMENTS = ("proximal", "middle", "distal")
@@ -29,13 +28,15 @@ def split_logits(logits):
 
 def swap_hands(maps):
     """Swap the left and right maps of a target laid out as (..., 2, H, W); used by horizontal flips."""
-    if isinstance(maps, torch.Tensor):
-        return maps.flip(-3)
-    return np.ascontiguousarray(maps[..., ::-1, :, :])
+    if isinstance(maps, np.ndarray):
+        return np.ascontiguousarray(maps[..., ::-1, :, :])
+    return maps.flip(-3)  # a tensor (torch is imported where tensors are made, not here: the launcher)
 
 
 def swap_logits(logits):
     """Swap the two 17-channel halves of (N, 34, H, W) logits (flip test-time augmentation)."""
+    import torch
+
     left, right = split_logits(logits)
     return torch.cat([right, left], dim=1)
 

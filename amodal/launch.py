@@ -22,7 +22,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from amodal.checkpoint import check_finished_source
 from amodal.config import (Config, ConfigError, absolute_paths, check_config, job_config, load_config, ranks_per_node,
                            sweep_points)
 from amodal.fileio import write_text_atomic
@@ -168,8 +167,10 @@ def launch(cfg: Config, args) -> int:
     if cluster == "local" and cfg.slurm.nodes != 1:
         raise ConfigError(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs on this machine only")
     points = [absolute_paths(job_config(p)) for p in sweep_points(cfg)]
+    from amodal.preflight import check_inputs  # here, not above: a config error is refused before torch loads
+
     for p in points:
-        check_finished_source(p)
+        check_inputs(p)
     folder = Path(cfg.run_dir) / "submitit"  # the sweep's folder for an array
     if args.dry_run:
         if cluster == "slurm":

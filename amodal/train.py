@@ -46,7 +46,7 @@ from torch import nn
 
 from amodal import checkpoint as ckpt
 from amodal import signals
-from amodal.config import Config, ConfigError, job_config, load_config
+from amodal.config import Config, ConfigError, job_config, load_config, training_splits
 from amodal.data.dataset import ShardDataset
 from amodal.data.format import ShardError
 from amodal.data.pack import ensure_synthetic
@@ -485,14 +485,6 @@ class _Window:
 
 def _fmt(value: float | None) -> str:
     return "None" if value is None else f"{value:.4f}"
-
-
-def training_splits(cfg: Config) -> list[str]:
-    """The splits a training run reads: what it trains on, and what it validates on."""
-    splits = list(cfg.data.train_splits)
-    if cfg.train.val_every > 0:
-        splits.append(cfg.data.val_split)
-    return list(dict.fromkeys(splits))
 
 
 def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,

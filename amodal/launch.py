@@ -22,6 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from amodal import runlock, slurm
 from amodal.config import (Config, ConfigError, absolute_paths, check_config, job_config, load_config, ranks_per_node,
                            sweep_points)
 from amodal.fileio import write_text_atomic
@@ -156,6 +157,28 @@ def wait_local(job) -> int:
         return 1
 
 
+def check_one_writer(cfg: Config, after: str | None) -> None:
+    """One writer per run folder: refuse while the Slurm job last launched under this name (job.json)
+    is pending or running, or another process holds the folder (run.lock), unless --after chains this
+    job to that one."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        record = json.loads((run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    chained = lambda job: after is not None and job is not None and after in (job, job.split("_")[0])
+    job = str(record.get("job_id")) if record.get("cluster") == "slurm" else None
+    row = slurm.squeue_row(job, "%T") if job and not chained(job) else None
+    if row is not None:
+        raise ConfigError(f"run folder {run_dir}: Slurm job {job}, launched under the name {cfg.name!r}, is "
+                          f"{row[0]}: one writer per run folder. Chain this job after it with --after {job}, "
+                          f"or pick another --name")
+    holder = runlock.live_holder(run_dir)
+    if holder is not None and not chained(holder.get("job")):
+        raise ConfigError(f"run folder {run_dir} is held by {runlock.describe(holder)}: one writer per run "
+                          f"folder. Wait for it to end, or pick another --name")
+
+
 def launch(cfg: Config, args) -> int:
     cluster = args.cluster
     if cluster is None:
@@ -171,6 +194,7 @@ def launch(cfg: Config, args) -> int:
 
     for p in points:
         check_inputs(p)
+        check_one_writer(p, args.after)
     folder = Path(cfg.run_dir) / "submitit"  # the sweep's folder for an array
     if args.dry_run:
         if cluster == "slurm":

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from amodal import checkpoint as ckpt
-from amodal import signals
+from amodal import runlock, signals
 from amodal.config import Config, ConfigError, job_config, load_config, training_splits
 from amodal.data.dataset import ShardDataset
 from amodal.data.format import ShardError
@@ -498,7 +498,9 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         previous = signals.install()
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.train.device)
+    lock = None
     try:
+        lock = runlock.hold(run_dir, info.rank)  # one writer per run folder (amodal/runlock.py)
         # Rank 0 makes the built-in synthetic shards when the recipe asks for them and they are not there.
         if info.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -525,6 +527,8 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         finally:
             log.close()
     finally:
+        if lock is not None:
+            lock.release()
         if previous is not None:
             signals.restore(previous)
         if owns_group:

@@ -1,10 +1,13 @@
 """The launcher checks what the job will read before it submits or prints anything, and the job checks
-it again as it starts (amodal/preflight.py, issue 23). Each refusal names the key, exits 2 and creates
-nothing."""
+it again as it starts (amodal/preflight.py, issue 23); and it refuses a run folder that another process
+holds. Each refusal names the key (or the holder), exits 2 and creates nothing."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -101,3 +104,27 @@ def test_the_job_checks_again_as_it_starts(here, synthetic_shards):
     with pytest.raises(ConfigError, match=f"data.root = {data}: no manifest.json there"):
         job()
     assert not Path(cfg.run_dir).exists()
+
+
+HOLDER = """
+import sys, time
+from amodal.runlock import acquire
+acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_folder_held_by_a_running_process_is_refused(here, capsys, synthetic_shards):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(here / "runs" / "busy")], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = refused(capsys, here, SMOKE, "--name", "busy")
+        assert f"run folder {here / 'runs' / 'busy'} is held by pid {holder.pid} on " in err
+        assert "one writer per run folder. Wait for it to end, or pick another --name" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert launch.main([SMOKE, "--name", "busy", "--dry-run", "--cluster", "slurm"]) == 0  # gone: free again

@@ -18,8 +18,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
-
 from amodal.config import ConfigError
 from amodal.fileio import fsync_path
 
@@ -96,6 +94,8 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     On any failure (full disk, unwritable folder, file size limit) the temporary file is removed, an
     existing `path` is left untouched, and CheckpointError says which file and why.
     """
+    import torch  # here: the launcher lists checkpoints without loading torch
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     writer = None
@@ -190,6 +190,8 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read one checkpoint with weights_only=True; CheckpointError names the file when it cannot."""
+    import torch
+
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import submitit
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-from amodal import signals, slurm
+from amodal import runlock, signals, slurm
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
 from amodal.outcome import decide, look_again, slurm_requeued
@@ -75,10 +75,14 @@ class Job:
         self.run_dir = str(run_dir)
 
     def __call__(self):
+        from amodal.preflight import check_inputs  # here: the launcher imports this module before torch
+
+        cfg = from_dict(self.config, f"job config of {self.run_dir}")
+        check_inputs(cfg)  # again where the job runs: what was there at submission may be gone
         env = _job_environment()
         if env is not None and env.global_rank == 0:
             record_start(Path(self.run_dir), str(env.job_id), env.cluster == "slurm")
-        return self.run(from_dict(self.config, f"job config of {self.run_dir}"), Path(self.run_dir))
+        return self.run(cfg, Path(self.run_dir))
 
     def run(self, cfg: Config, run_dir: Path):
         raise NotImplementedError
@@ -150,13 +154,20 @@ class ExportJob(Job):
     """
 
     def run(self, cfg: Config, run_dir: Path):
+        env = _job_environment()
+        if env is not None and env.global_rank != 0:
+            return None
+        lock = runlock.acquire(run_dir)  # one writer per run folder (amodal/runlock.py)
+        try:
+            return self.export(cfg, run_dir)
+        finally:
+            lock.release()
+
+    def export(self, cfg: Config, run_dir: Path):
         from amodal.distributed import pick_device
         from amodal.predict import load_trained, model_from_state, predict_to_file
         from amodal.submission import check_submission, write_submission
 
-        env = _job_environment()
-        if env is not None and env.global_rank != 0:
-            return None
         ckpt_path, state = load_trained(cfg.export.checkpoint or cfg.from_run)
         model = model_from_state(state, ckpt_path)
         trained, best = state["config"], state.get("best_miou")

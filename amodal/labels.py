@@ -1,7 +1,6 @@
 """The label space of the task (docs/design.md §1): 16 parts per hand, two hands, [left | right]."""
 
 import numpy as np
-import torch
 
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 SEGMENTS = ("proximal", "middle", "distal")
@@ -32,6 +31,8 @@ def split_logits(logits):
 
 def swap_logits(logits):
     """Swap the two 17-channel halves of (N, 34, H, W) logits (flip test-time augmentation)."""
+    import torch
+
     left, right = split_logits(logits)
     return torch.cat([right, left], dim=1)
 

@@ -47,8 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 from amodal import checkpoint as ckpt
-from amodal import signals
-from amodal.config import Config, ConfigError, job_config, load_config
+from amodal import runlock, signals
+from amodal.config import Config, ConfigError, job_config, load_config, training_splits
 from amodal.data.dataset import ShardDataset
 from amodal.data.device_augment import augment_batch, resolve_on
 from amodal.data.format import ShardError
@@ -483,14 +483,6 @@ def _fmt(value: float | None) -> str:
     return "None" if value is None else f"{value:.4f}"
 
 
-def training_splits(cfg: Config) -> list[str]:
-    """The splits a training run reads: what it trains on, and what it validates on."""
-    splits = list(cfg.data.train_splits)
-    if cfg.train.val_every > 0:
-        splits.append(cfg.data.val_split)
-    return list(dict.fromkeys(splits))
-
-
 def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
           on_start: Callable[[int], None] | None = None) -> TrainResult:
     """Train (or resume) `cfg` in `run_dir` in this process group; see the module note. `on_start(step)` is
@@ -502,7 +494,9 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         previous = signals.install()
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.train.device)
+    lock = None
     try:
+        lock = runlock.hold(run_dir, info.rank)  # one writer per run folder (amodal/runlock.py)
         # Rank 0 makes the built-in synthetic shards when the recipe asks for them and they are not there.
         if info.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -529,6 +523,8 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         finally:
             log.close()
     finally:
+        if lock is not None:
+            lock.release()
         if previous is not None:
             signals.restore(previous)
         if owns_group:

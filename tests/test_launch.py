@@ -111,6 +111,8 @@ def test_retrain_takes_the_recipe_and_steps_of_a_finished_run(tmp_path, monkeypa
 
 def test_export_goes_next_to_the_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints" / "step-00000010.pt").write_bytes(b"")  # the launcher checks it is there
     code, out, _ = run_main(capsys, str(REPO / "jobs" / "export.toml"), "--dry-run", "--cluster", "local",
                             "--set", "export.checkpoint=runs/a/checkpoints/step-00000010.pt")
     assert code == 0

@@ -87,16 +87,25 @@ def _open_predictions(path: str | Path):
             raise SubmissionError(f"{path}: {len(keys)} keys but {labels.shape[0]} label pairs")
         if not keys:
             raise SubmissionError(f"{path}: no predictions")
-        seen: set[str] = set()
         for i, key in enumerate(keys):
             if not key:
                 raise SubmissionError(f"{path}: key {i} is empty")
             if not key.isascii():
                 raise SubmissionError(f"{path}: key {key!r} is not ASCII (the course's reader encodes keys as ASCII)")
-            if key in seen:
-                raise SubmissionError(f"{path}: key {key!r} appears more than once")
-            seen.add(key)
+        repeated = _first_repeated(keys)
+        if repeated is not None:
+            raise SubmissionError(f"{path}: key {repeated!r} appears more than once")
         yield keys, labels
+
+
+def _first_repeated(items: Sequence[str]) -> str | None:
+    """The first item that appears a second time in `items` (the one whose repeat comes first), or None."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _check_values(path: Path, keys: list[str], labels: h5py.Dataset) -> None:
@@ -263,20 +272,22 @@ def _read_im_paths(path: Path, file: Path) -> list[str]:
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} does not load with torch.load(weights_only=True): {e}") from None
     if not isinstance(im_paths, list) or not all(isinstance(p, str) for p in im_paths):
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is not a list of str")
-    keys = []
-    seen: set[str] = set()
-    for p in im_paths:
-        if not p.endswith(".jpg"):
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} does not end in .jpg")
-        if not p.isascii():
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} is not ASCII")
-        if p in seen:
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {p!r} more than once")
-        seen.add(p)
-        keys.append(p[: -len(".jpg")])
+    keys = [_key_of_entry(path, p) for p in im_paths]
+    repeated = _first_repeated(im_paths)
+    if repeated is not None:
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {repeated!r} more than once")
     if not keys:
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is empty")
     return keys
+
+
+def _key_of_entry(path: Path, entry: str) -> str:
+    """The test key that an im_path.pt entry names: the entry without its .jpg."""
+    if not entry.endswith(".jpg"):
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {entry!r} does not end in .jpg")
+    if not entry.isascii():
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {entry!r} is not ASCII")
+    return entry[: -len(".jpg")]
 
 
 def _compare_keys(path: Path, keys: list[str], test_keys: Sequence[str]) -> None:

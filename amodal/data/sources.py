@@ -97,6 +97,20 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+class _ImportedSource:
+    """What the two importers share: their samples indexed as self.entries, whose first field is the
+    sample's key, and no front maps (which hand is in front is known only to the synthetic generator)."""
+
+    has_front = False
+    entries: list[tuple]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keys(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Reading torch pickles without running pickled code
 
@@ -229,10 +243,8 @@ def check_part_values(lab: np.ndarray, where: str, key: str) -> np.ndarray:
     return lab
 
 
-class CourseSource:
+class CourseSource(_ImportedSource):
     """One split (train, val or test) of the course's data folder (data/InterHand2.6M/ in the course)."""
-
-    has_front = False
 
     def __init__(self, root, split: str):
         root = Path(root)
@@ -282,12 +294,6 @@ class CourseSource:
         self.name = f"course {root.resolve()} {split} lists={digest}"
         self.where = str(datalist_path)
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def keys(self) -> list[str]:
-        return [e[0] for e in self.entries]
-
     def get(self, i: int) -> RawSample:
         key, lmdb_key, bbox, hand_type, label_id = self.entries[i]
         image = decode_image(self.images.get(lmdb_key), str(self.images.path), lmdb_key)
@@ -310,12 +316,10 @@ class CourseSource:
 FOLDER_BOXES = "boxes.json"
 
 
-class FolderSource:
+class FolderSource(_ImportedSource):
     """One split of a folder: images/<key>.jpg|png, labels/<key>__l.png and <key>__r.png (0..16), and
     boxes.json = {split: [{"key", "bbox": [x, y, w, h], "hand_type" (optional)}, ...]}.
     Labels are required, except for a test split, where they may be absent altogether."""
-
-    has_front = False
 
     def __init__(self, root, split: str):
         root = Path(root)
@@ -361,12 +365,6 @@ class FolderSource:
                                       f"only for a whole test split)")
         self.name = f"folder {root.resolve()} {split} boxes={_file_digest(boxes_path)}"
         self.where = str(boxes_path)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def keys(self) -> list[str]:
-        return [e[0] for e in self.entries]
 
     def label_paths(self, key: str) -> list[Path]:
         """labels/<key>__l.png and <key>__r.png."""

@@ -48,9 +48,9 @@ def ours_and_smp(depth: int) -> dict[str, Callable[[], nn.Module]]:
         return build_model(ModelConfig(name="resnet_unet", encoder_depth=depth))
 
     def smp() -> nn.Module:
-        net = import_smp()  # before the seed: the same initial weights however long the import takes
+        smp_package = import_smp()  # a clear error when the smp extra is missing
         torch.manual_seed(0)
-        return SMPModel(net.Unet(f"resnet{depth}", encoder_weights=None, classes=NUM_OUTPUTS))
+        return SMPModel(smp_package.Unet(f"resnet{depth}", encoder_weights=None, classes=NUM_OUTPUTS))
 
     return {"ours": ours, "smp": smp}
 

@@ -3,13 +3,13 @@ and peak memory side by side in one process."""
 
 from __future__ import annotations
 
+import time
+
 from gpucheck.stages.common import cpu_threads
 from gpucheck.state import Check, Result, cell
 
 
 def stage_bench(check: Check, res: Result) -> None:
-    import time
-
     import torch
 
     from amodal.bench import PeakMemory, model_step, ours_and_smp, random_batch, sync, time_rounds

@@ -3,7 +3,6 @@ mIoU curve, and what that rate means for the recipe's 30,000 steps."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ def stage_train(check: Check, res: Result) -> None:
     import torch
 
     from amodal.config import load_config
+    from amodal.tracking import read_metrics
     from amodal.train import train
 
     s = check.sizes
@@ -51,7 +51,7 @@ def stage_train(check: Check, res: Result) -> None:
     finally:
         timer.cancel()
     wall = time.monotonic() - began
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(run / "metrics.jsonl")
     trains = [e for e in events if e["event"] == "train"]
     vals = [e for e in events if e["event"] == "val"]
     start = next(e for e in events if e["event"] == "start")

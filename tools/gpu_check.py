@@ -1,7 +1,7 @@
 """The GPU acceptance check: one command that fills every GPU figure in one call (docs/gpu.md).
 
     python tools/gpu_check.py [--device cuda|cpu] [--quick] -o DIR [--work DIR] [--stages a,b] [--budget STAGE=S]
-    python tools/gpu_check.py --fetch-wheels [--python-version 3.11] [--platform manylinux2014_x86_64]
+    python tools/gpu_check.py --fetch-wheels [--python-version 3.12] [--platform TAG ...] [--no-wandb]
 
 Stages, in order, each in a child process of its own with a time budget (a crash, a CUDA error or a
 hang in one stage costs that stage only; what it measured before it was stopped is kept):
@@ -36,7 +36,7 @@ from gpucheck.report import card_slug, write_report
 from gpucheck.runner import BUDGETS, QUICK_BUDGETS, run_stage, run_stages
 from gpucheck.stages import STAGES, TITLES  # noqa: F401 - the check's stages, for its tests
 from gpucheck.state import ROOT, Check
-from gpucheck.wheels import fetch_wheels, install_wheels
+from gpucheck.wheels import PLATFORMS, PYTHON_VERSION, fetch_wheels, install_wheels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seconds", type=float, default=0.0, help="training time of the train stage")
     p.add_argument("--wheels", default=str(ROOT / "wheels"), help="folder of wheels to install first ('' for none)")
     p.add_argument("--fetch-wheels", action="store_true", help="fill wheels/ with pip download, then stop")
-    p.add_argument("--python-version", default="3.11", help="with --fetch-wheels: the GPU machine's Python")
-    p.add_argument("--platform", default="manylinux2014_x86_64", help="with --fetch-wheels: its platform tag")
+    p.add_argument("--python-version", default=PYTHON_VERSION, help="with --fetch-wheels: the GPU machine's Python")
+    p.add_argument("--platform", action="append", help="with --fetch-wheels: its platform tags (repeat; default: "
+                   "the manylinux tags of glibc 2.17 to 2.28)")
     p.add_argument("--no-wandb", action="store_true", help="with --fetch-wheels: leave wandb out")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # the child's side
     args = p.parse_args(argv)
     if args.fetch_wheels:
-        return fetch_wheels(args.python_version, args.platform, args.no_wandb)
+        return fetch_wheels(args.python_version, tuple(args.platform or PLATFORMS), args.no_wandb)
     work = Path(args.work or Path(tempfile.gettempdir()) / f"amodal-gpu-check-{args.device}{'-quick' if args.quick else ''}")
     check = Check(device=args.device, quick=args.quick, work=work.resolve(), train_seconds=args.train_seconds)
     if args.stage:

@@ -10,6 +10,9 @@ PART_NAMES = ("background", "palm") + tuple(f"{f}_{s}" for f in FINGERS for s in
 NUM_PARTS = 16  # foreground classes per hand
 NUM_CLASSES = NUM_PARTS + 1  # per hand, background included
 HANDS = ("left", "right")  # order of the two target maps and of the two halves of the logits
+# Key suffixes of a sample's two maps, [left, right], in the course's label LMDB, a folder's labels
+# (<key>__l.png) and the leaderboard file.
+HAND_SUFFIXES = ("__l", "__r")
 LEFT, RIGHT = 0, 1
 NUM_OUTPUTS = 2 * NUM_CLASSES  # 34 logits: [left 17 | right 17]
 TARGET_SIZE = 128  # label maps and model outputs are always 128x128
@@ -24,13 +27,6 @@ assert len(PART_NAMES) == NUM_CLASSES
 def split_logits(logits):
     """(N, 34, H, W) -> (left (N, 17, H, W), right (N, 17, H, W))."""
     return logits[:, :NUM_CLASSES], logits[:, NUM_CLASSES:]
-
-
-def swap_hands(maps):
-    """Swap the left and right maps of a target laid out as (..., 2, H, W); used by horizontal flips."""
-    if isinstance(maps, np.ndarray):
-        return np.ascontiguousarray(maps[..., ::-1, :, :])
-    return maps.flip(-3)  # a tensor (torch is imported where tensors are made, not here: the launcher)
 
 
 def swap_logits(logits):
@@ -55,7 +51,3 @@ def _palette():
 
 PALETTE = _palette()  # (17, 3) RGB, one colour per class
 
-
-def colourize(label_map):
-    """uint8 (H, W) label map -> (H, W, 3) RGB image."""
-    return PALETTE[np.asarray(label_map)]

@@ -112,6 +112,10 @@ class AugmentConfig:
     rotation_prob: Fraction = 0.6
     colour: Fraction = 0.3  # c: per-channel gain in [1 - c, 1 + c]
     flip: Fraction = 0.5  # probability of a horizontal flip (swaps the hands)
+    # Where the warp, colour gain and flip run: "worker" (per sample, in the loader workers), "device"
+    # (the workers only read and decode; the batch is augmented on the training device,
+    # amodal/data/device_augment.py), or "auto": device on CUDA, worker on the CPU (measured faster there).
+    on: Literal["auto", "worker", "device"] = "auto"
 
 
 @dataclass

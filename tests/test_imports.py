@@ -10,7 +10,7 @@ LAYERS = [
     ["amodal.labels", "amodal.config", "amodal.fileio", "amodal.signals", "amodal.slurm", "amodal.outcome"],
     ["amodal.data", "amodal.models", "amodal.losses", "amodal.metrics", "amodal.optim"],
     ["amodal.checkpoint", "amodal.tracking", "amodal.distributed", "amodal.requeues", "amodal.runlock",
-     "amodal.preflight"],
+     "amodal.preflight", "amodal.step", "amodal.bench"],
     ["amodal.train", "amodal.predict", "amodal.submission", "amodal.evaluate", "amodal.visualize", "amodal.report"],
     ["amodal.jobs"],
     ["amodal.launch", "amodal.status"],

@@ -193,7 +193,7 @@ def launch(cfg: Config, args) -> int:
     from amodal.preflight import check_inputs  # here, not above: a config error is refused before torch loads
 
     for p in points:
-        check_inputs(p)
+        check_inputs(p, args.after)
         check_one_writer(p, args.after)
     folder = Path(cfg.run_dir) / "submitit"  # the sweep's folder for an array
     if args.dry_run:

@@ -5,8 +5,9 @@ missing input is refused there at once instead of after hours in the queue.
 - training: data.root holds a readable manifest with the splits the run reads and at least one global
   batch of training samples, or will be made (synthetic shards, packed on first use); a pretrained
   encoder file exists; a retrain_full job's from_run has finished;
-- export: export.checkpoint (or from_run) is a checkpoint file, or a run folder that holds one; the
-  packed set it predicts (export.shards, else the trained run's data.root) holds export.split;
+- export: export.checkpoint (or from_run) is a checkpoint file, or a run folder that holds one (or
+  whose job, named by the launcher's --after, will write it); the packed set it predicts
+  (export.shards, else the trained run's data.root) holds export.split;
 - a smp_* model: segmentation_models_pytorch is installed.
 Each refusal is a ConfigError naming the key.
 """
@@ -25,10 +26,11 @@ from amodal.data.format import MANIFEST, ShardError, read_manifest, splits_of
 SYNTHETIC_SPLITS = ("train", "val", "test")
 
 
-def check_inputs(cfg: Config) -> None:
-    """Raise ConfigError naming the key when something the job reads is missing (module note)."""
+def check_inputs(cfg: Config, after: str | None = None) -> None:
+    """Raise ConfigError naming the key when something the job reads is missing (module note). `after`:
+    the job this one waits for (launch --after), which may write what it reads."""
     if cfg.job == "export":
-        check_export(cfg)
+        check_export(cfg, after)
         return
     check_data(cfg)
     pretrained = cfg.model.pretrained
@@ -72,14 +74,25 @@ def trained_run(source: Path) -> Path:
     return source.parent if source.name == CHECKPOINT_DIR and not (source / CHECKPOINT_DIR).is_dir() else source
 
 
-def check_export(cfg: Config) -> None:
+def launched_job(run: Path) -> str | None:
+    """The id of the job last launched in a run folder (its job.json), None without one."""
+    try:
+        return str(json.loads((run / "job.json").read_text())["job_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_export(cfg: Config, after: str | None = None) -> None:
     key = "export.checkpoint" if cfg.export.checkpoint else "from_run"
     source = Path(cfg.export.checkpoint or cfg.from_run)
     if not source.exists():
         raise ConfigError(f"{key} = {source}: no such checkpoint file or run folder")
     run = trained_run(source)
     if source.is_dir() and not (list_checkpoints(run) or (run / CHECKPOINT_DIR / BEST_NAME).is_file()):
-        raise ConfigError(f"{key} = {source}: no checkpoint in {run / CHECKPOINT_DIR}")
+        job = launched_job(run)
+        if after is None or job is None or after not in (job, job.split("_")[0]):
+            raise ConfigError(f"{key} = {source}: no checkpoint in {run / CHECKPOINT_DIR}"
+                              + (f" (its job is {job}: --after {job} waits for it)" if job else ""))
     shards, option = cfg.export.shards, "export.shards"
     if not shards:  # the trained run's own data, as its config.json says (the job reads the checkpoint's)
         try:

@@ -75,6 +75,14 @@ def test_export_of_a_missing_or_empty_run_is_refused(here, capsys, synthetic_sha
     (here / "runs" / "empty").mkdir(parents=True)
     err = refused(capsys, here, EXPORT, "--set", "export.checkpoint=runs/empty")
     assert f"export.checkpoint = {here / 'runs' / 'empty'}: no checkpoint in {here / 'runs' / 'empty' / 'checkpoints'}" in err
+    # Not yet trained, but by the job that this export waits for: accepted with --after that job only.
+    (here / "runs" / "empty" / "job.json").write_text('{"job_id": "77", "cluster": "slurm"}')
+    code = launch.main([EXPORT, "--set", "export.checkpoint=runs/empty", "--after", "78", "--dry-run", "--cluster", "slurm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint in" in err and "(its job is 77: --after 77 waits for it)" in err
+    assert launch.main([EXPORT, "--set", "export.checkpoint=runs/empty", "--after", "77", "--dry-run",
+                        "--cluster", "slurm"]) == 0
+    capsys.readouterr()
     tiny_unet_run(here / "runs" / "model", str(synthetic_shards))
     (here / "runs" / "model" / "config.json").write_text(json.dumps({"data": {"root": str(synthetic_shards)}}))
     err = refused(capsys, here, EXPORT, "--set", "export.checkpoint=runs/model", "--set", "export.split=tset")

@@ -1,7 +1,7 @@
 # The two commands of a fresh machine (README.md): `make demo` and `make test`.
 PYTHON ?= python3
 
-.PHONY: install demo test cluster-up cluster-down
+.PHONY: install demo test test-fast cluster-up cluster-down
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -18,6 +18,10 @@ demo: install
 # The whole test suite; starts the project's own single-machine Slurm cluster first.
 test: install cluster-up
 	$(PYTHON) -m pytest -q
+
+# The inner loop: every test but the Slurm, slow and GPU ones; starts no cluster.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slurm and not slow and not gpu"
 
 cluster-up:
 	bash slurm/local-cluster.sh up

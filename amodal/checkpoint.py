@@ -18,8 +18,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
-
 from amodal.config import ConfigError
 from amodal.fileio import fsync_path
 
@@ -96,6 +94,8 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     On any failure (full disk, unwritable folder, file size limit) the temporary file is removed, an
     existing `path` is left untouched, and CheckpointError says which file and why.
     """
+    import torch  # here: the launcher lists checkpoints without loading torch
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     writer = None
@@ -190,6 +190,8 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read one checkpoint with weights_only=True; CheckpointError names the file when it cannot."""
+    import torch
+
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -205,6 +207,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+def _first_that_loads(paths: list[Path], map_location) -> tuple[Path, dict] | None:
+    """(path, state) of the first of `paths` that loads; each one that does not is skipped with a
+    warning (attributed to the caller of load_latest or load_best)."""
+    for path in paths:
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint: {e}", stacklevel=3)
+    return None
+
+
 def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | None:
     """The newest checkpoint of a run that loads, as (path, state); None when the run has none.
 
@@ -215,12 +228,7 @@ def load_latest(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | 
     best = checkpoint_dir(run_dir) / BEST_NAME
     if best.exists():
         candidates.append(best)
-    for path in candidates:
-        try:
-            return path, load_checkpoint(path, map_location)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-    return None
+    return _first_that_loads(candidates, map_location)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -233,13 +241,7 @@ def load_best(run_dir: str | Path, map_location="cpu") -> tuple[Path, dict] | No
     """best.pt of a run as (path, state) when it exists and loads, else None (with a warning when it
     exists but does not load)."""
     path = checkpoint_dir(run_dir) / BEST_NAME
-    if not path.exists():
-        return None
-    try:
-        return path, load_checkpoint(path, map_location)
-    except CheckpointError as e:
-        warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-        return None
+    return _first_that_loads([path] if path.exists() else [], map_location)
 
 
 def best_checkpoint(run_dir: str | Path) -> Path | None:

@@ -1,27 +1,78 @@
 """One typed config for every job, read from a TOML recipe in jobs/ plus `--set key=value` overrides,
 and the resolution of a job kind into the config it runs with (`job_config`).
 
-A recipe is data only: it is parsed with tomllib, never executed. Unknown keys and values of the wrong
-type are errors that name the key and the file they came from.
+A recipe is data only: it is parsed with tomllib, never executed. Every config that is loaded goes
+through one validation (`check_config`): unknown keys and values of the wrong type, names outside the
+set a field selects from (typed `Literal`: models, losses, encoder depths, precision, ...), numbers
+outside their range (`Annotated[..., Range]`) and fields that contradict each other are errors that
+name the file, the key, the value and what is allowed, with the nearest allowed name for a misspelt one.
+
+The allowed names live here, the lowest layer, so that a recipe is refused without importing torch or
+the models; tests/test_models.py and tests/test_losses.py check that they are the registries' names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 
 class ConfigError(ValueError):
     pass
 
 
-JOB_KINDS = ("train", "retrain_full", "export")
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: low <= value (low < value when low_open), value <= high (< when
+    high_open); always finite."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value) -> bool:
+        return (math.isfinite(value) and (value > self.low if self.low_open else value >= self.low)
+                and (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+Count = Annotated[int, Range(0)]  # 0 or more
+Positive = Annotated[int, Range(1)]
+NonNegative = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]  # probabilities and ratios
+Decay = Annotated[float, Range(0, 1, high_open=True)]  # moving-average decays, Adam's betas
+
+# The sets fields select from. Models, losses and encoders must match their registries
+# (amodal.models.MODEL_NAMES, amodal.models.resnet_unet.RESNET_DEPTHS / ENCODER_LAYERS,
+# amodal.losses.LOSS_NAMES, amodal.labels.NUM_CLASSES): tests check it.
+JobKind = Literal["train", "retrain_full", "export"]
+ModelName = Literal["unet", "unet_deep", "unet_attention", "resnet_unet", "smp_unetplusplus", "smp_deeplabv3plus",
+                    "smp_pspnet"]
+EncoderDepth = Literal[18, 34, 50, 101]
+EncoderLayers = Literal[3, 4]
+LossName = Literal["ce", "dice", "dice_ce", "focal", "jaccard", "dice_topk"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+WandbMode = Literal["auto", "online", "offline", "off"]
+JOB_KINDS = typing.get_args(JobKind)
+CLASSES_PER_HAND = 17  # loss.class_weights: background + 16 parts (amodal.labels.NUM_CLASSES)
+# Input sides must be a multiple of the model's total downsampling: its coarsest feature map is input / this.
+INPUT_STRIDES = {"unet": 16, "unet_deep": 32, "unet_attention": 16, "resnet_unet": 32, "smp_unetplusplus": 32,
+                 "smp_deeplabv3plus": 16, "smp_pspnet": 8}
 
 
 @dataclass
@@ -29,15 +80,15 @@ class DataConfig:
     root: str = "data/synthetic"  # shards folder (manifest.json + <split>-NNNNN.h5)
     # Where `root` holds no manifest and this is true, synthetic shards are packed there first.
     make_synthetic: bool = True
-    synthetic_train: int = 2000
-    synthetic_val: int = 256
-    synthetic_test: int = 256
-    synthetic_seed: int = 0
+    synthetic_train: Positive = 2000
+    synthetic_val: Count = 256
+    synthetic_test: Count = 256
+    synthetic_seed: Count = 0
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     val_split: str = "val"
     test_split: str = "test"
-    input_size: int = 128  # model input side; targets are always 128x128
-    num_workers: int = 2
+    input_size: Positive = 128  # model input side, a multiple of the model's stride; targets are always 128x128
+    num_workers: Count = 2
     # Node-local copy of the shards training reads (amodal/data/stage.py): "auto" ($SLURM_TMPDIR, else
     # $TMPDIR, when on another file system than root), "off", or an absolute folder; $VARS and ~ expand
     # where the job runs (a node's variables may not exist where it is submitted).
@@ -55,20 +106,24 @@ class DataConfig:
 @dataclass
 class AugmentConfig:
     enabled: bool = True
-    shift: float = 0.3  # t: uniform in ±t × box size per axis
-    scale: float = 0.3  # s: 1 + clip(N(0,1), -1, 1) × s
-    rotation: float = 5.0  # r: clip(N(0,1), -2, 2) × r degrees, with probability rotation_prob
-    rotation_prob: float = 0.6
-    colour: float = 0.3  # c: per-channel gain in [1 - c, 1 + c]
-    flip: float = 0.5  # probability of a horizontal flip (swaps the hands)
+    shift: NonNegative = 0.3  # t: uniform in ±t × box size per axis
+    scale: Annotated[float, Range(0, 1, high_open=True)] = 0.3  # s: 1 + clip(N(0,1), -1, 1) × s
+    rotation: Annotated[float, Range(0, 180)] = 5.0  # r: clip(N(0,1), -2, 2) × r degrees, with probability rotation_prob
+    rotation_prob: Fraction = 0.6
+    colour: Fraction = 0.3  # c: per-channel gain in [1 - c, 1 + c]
+    flip: Fraction = 0.5  # probability of a horizontal flip (swaps the hands)
+    # Where the warp, colour gain and flip run: "worker" (per sample, in the loader workers), "device"
+    # (the workers only read and decode; the batch is augmented on the training device,
+    # amodal/data/device_augment.py), or "auto": device on CUDA, worker on the CPU (measured faster there).
+    on: Literal["auto", "worker", "device"] = "auto"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet_unet"  # unet | unet_deep | unet_attention | resnet_unet | smp_unetplusplus | ...
-    encoder_depth: int = 50  # ResNet depth for resnet_unet: 18, 34, 50, 101
-    encoder_layers: int = 4  # resnet_unet: 4 (the whole ResNet) or 3 (without layer4: for small inputs)
-    base_channels: int = 64  # plain U-Nets
+    name: ModelName = "resnet_unet"
+    encoder_depth: EncoderDepth = 50  # ResNet depth of resnet_unet and smp_*
+    encoder_layers: EncoderLayers = 4  # resnet_unet: 4 (the whole ResNet) or 3 (without layer4: for small inputs)
+    base_channels: Positive = 64  # plain U-Nets
     attention: bool = False  # attention gates on the skip connections (resnet_unet)
     stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end
     pretrained: str = ""  # path of a local torchvision encoder state dict; nothing is downloaded
@@ -80,41 +135,43 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dice_ce"  # ce | dice | dice_ce | focal | jaccard | dice_topk
-    class_weights: list[float] = field(default_factory=list)  # 17 weights, or empty
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
-    focal_gamma: float = 2.0
-    topk: float = 0.1  # fraction of hardest pixels kept by the top-k cross-entropy
+    name: LossName = "dice_ce"
+    class_weights: list[Annotated[float, Range(0, low_open=True)]] = field(default_factory=list)  # 17, or none
+    dice_weight: NonNegative = 1.0
+    ce_weight: NonNegative = 1.0
+    focal_gamma: NonNegative = 2.0
+    topk: Annotated[float, Range(0, 1, low_open=True)] = 0.1  # fraction of hardest pixels kept by top-k CE
     # Deep supervision (resnet_unet with stage heads): this weight x the mean of the same loss on each
     # decoder stage's own prediction, against the target subsampled to the stage's resolution.
-    stage_weight: float = 0.0
+    stage_weight: NonNegative = 0.0
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 200
-    min_lr_ratio: float = 0.01  # cosine decays to lr × this at the last step
-    grad_clip: float = 1.0  # 0 turns clipping off
+    lr: Annotated[float, Range(0, low_open=True)] = 1e-3
+    weight_decay: NonNegative = 1e-4
+    beta1: Decay = 0.9
+    beta2: Decay = 0.999
+    warmup_steps: Count = 200
+    min_lr_ratio: Fraction = 0.01  # cosine decays to lr × this at the last step
+    grad_clip: NonNegative = 1.0  # 0 turns clipping off
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 20000
-    global_batch: int = 32  # fixed by the recipe; per-rank batch = global / world size
-    seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    steps: Positive = 20000
+    global_batch: Positive = 32  # fixed by the recipe; per-rank batch = global / world size
+    seed: Count = 0
+    precision: Precision = "auto"  # auto: bf16 on GPUs that have it, else fp32
     channels_last: bool = True
     compile: bool = False
-    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 turns it off
-    val_every: int = 1000  # steps; 0 turns validation off
-    log_every: int = 50  # steps between plain log lines
+    ema: Decay = 0.0  # decay of an exponential moving average of the weights; 0 turns it off
+    # Steps; 0 turns validation off. Training also validates and saves at its last step, so an interval
+    # longer than the run means once, at the end.
+    val_every: Count = 1000
+    log_every: Positive = 50  # steps between plain log lines
     tta_flip: bool = False  # validate with horizontal-flip test-time augmentation
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"
     # Record each step's global batch (sample indices, all ranks) in metrics.jsonl; for audits and the
     # tests that prove a resumed run sees the same samples. Costs one small all_gather per step.
     log_samples: bool = False
@@ -122,16 +179,16 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000
-    every_minutes: float = 30.0
-    keep_last: int = 3
+    every_steps: Count = 1000  # 0: no periodic saves by step count
+    every_minutes: NonNegative = 30.0  # 0: none by time
+    keep_last: Positive = 3
     # Resuming with another data fingerprint or global batch size is refused unless this is set.
     allow_mismatch: bool = False
 
 
 @dataclass
 class TrackingConfig:
-    wandb: str = "auto"  # auto (online with a configured key, else offline) | online | offline | off
+    wandb: WandbMode = "auto"  # auto: online with a configured key, else offline
     project: str = "amodal"
     entity: str = ""
 
@@ -139,19 +196,19 @@ class TrackingConfig:
 @dataclass
 class SlurmConfig:
     partition: str = ""
-    hours: float = 24.0
-    nodes: int = 1
-    gpus_per_node: int = 1
-    tasks_per_node: int = 0  # ranks per node; 0 means one per GPU (at least one)
-    cpus_per_task: int = 8
+    hours: Annotated[float, Range(0, low_open=True)] = 24.0
+    nodes: Positive = 1
+    gpus_per_node: Count = 1
+    tasks_per_node: Count = 0  # ranks per node; 0 means one per GPU (at least one)
+    cpus_per_task: Positive = 8
     mem: str = ""
     account: str = ""
     qos: str = ""
     constraint: str = ""
     exclude: str = ""
-    signal_delay_s: int = 300  # USR2 this long before the wall-time limit
-    max_walltime_requeues: int = 10
-    array_parallelism: int = 8  # sweeps: elements running at once
+    signal_delay_s: Count = 300  # USR2 this long before the wall-time limit
+    max_walltime_requeues: Count = 10
+    array_parallelism: Positive = 8  # sweeps: elements running at once
 
 
 @dataclass
@@ -159,7 +216,7 @@ class ExportConfig:
     checkpoint: str = ""  # a checkpoint file, or a run folder (its best, else newest, checkpoint)
     shards: str = ""  # the packed set to predict; default: the one the model was trained on (data.root)
     split: str = "test"
-    batch_size: int = 64
+    batch_size: Positive = 64
     tta_flip: bool = False  # flip TTA measured no gain (docs/results/ablation_cpu); twice the cost
     submission: str = "test.lmdb.tar.gz"  # written in the run folder
 
@@ -167,7 +224,7 @@ class ExportConfig:
 @dataclass
 class Config:
     name: str = "train"
-    job: str = "train"  # one of JOB_KINDS
+    job: JobKind = "train"
     run_dir: str = ""  # default: runs/<name>
     from_run: str = ""  # retrain_full: take the step count of this finished run
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,8 +250,20 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _base_type(annotation):
+    """The Python type behind an annotation: int for Literal[18, 34] and for Annotated[int, Range(0)]."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
+
+
 def _check_value(value, annotation, where: str):
-    """Return value converted to the annotated type, or raise ConfigError naming `where`."""
+    """Return value converted to the annotated type, or raise ConfigError naming `where`. Only the type:
+    allowed names and ranges are check_config's."""
+    annotation = _base_type(annotation)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -223,17 +292,14 @@ def _check_value(value, annotation, where: str):
     return value
 
 
-def _hints(cls):
-    return typing.get_type_hints(cls)
-
-
 def _build(cls, table: dict, where: str):
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in table.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{where}: unknown key {key!r}{_nearest(key, sorted(names))} "
+                              f"(known: {', '.join(sorted(names))})")
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             if not isinstance(value, dict):
@@ -242,6 +308,107 @@ def _build(cls, table: dict, where: str):
         else:
             kwargs[key] = _check_value(value, annotation, f"{where}.{key}")
     return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _nearest(value, allowed) -> str:
+    """'; did you mean X?' for the allowed name (or number) nearest to a wrong one, else ''."""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1, cutoff=0.5)
+        return f"; did you mean {close[0]!r}?" if close else ""
+    numbers = [a for a in allowed if isinstance(a, (int, float))]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and numbers:
+        return f"; did you mean {min(numbers, key=lambda a: abs(a - value))}?"
+    return ""
+
+
+def _check_allowed(value, annotation, key: str) -> None:
+    """The value of one field against its Literal (allowed names) or Range; lists item by item."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (typing.Any,)
+        for i, v in enumerate(value):
+            _check_allowed(v, item, f"{key}[{i}]")
+    elif origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(str, allowed))}"
+                              f"{_nearest(value, allowed)}")
+    elif origin is Annotated:
+        for extra in typing.get_args(annotation)[1:]:
+            if isinstance(extra, Range) and not extra.allows(value):
+                kind = "an integer" if _base_type(annotation) is int else "a finite number"
+                raise ConfigError(f"{key} = {value!r}: expected {kind} {extra}")
+
+
+def _check_fields(obj, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{prefix}{f.name}.")
+        else:
+            _check_allowed(value, hints[f.name], prefix + f.name)
+
+
+def ranks_per_node(slurm: SlurmConfig) -> int:
+    return slurm.tasks_per_node or max(slurm.gpus_per_node, 1)  # one task (rank) per GPU
+
+
+def input_stride(model: ModelConfig) -> int:
+    """The model's total downsampling: data.input_size must be a multiple of it."""
+    if model.name == "resnet_unet":
+        return 2 ** (model.encoder_layers + 1)  # the stem's 2, then 2 per layer after the first
+    return INPUT_STRIDES[model.name]
+
+
+def _check_relations(cfg: Config) -> None:
+    m, t, s = cfg.model, cfg.train, cfg.slurm
+    ranks = s.nodes * ranks_per_node(s)
+    if t.global_batch % ranks:
+        raise ConfigError(f"train.global_batch = {t.global_batch}: not divisible by the job's {ranks} ranks "
+                          f"(slurm.nodes = {s.nodes} x {ranks_per_node(s)} tasks per node); each rank takes an "
+                          f"equal share")
+    stride = input_stride(m)
+    if cfg.data.input_size % stride:
+        size = max(stride, round(cfg.data.input_size / stride) * stride)
+        raise ConfigError(f"data.input_size = {cfg.data.input_size}: model {m.name!r} needs a multiple of {stride} "
+                          f"(e.g. {size})")
+    if not cfg.data.train_splits:
+        raise ConfigError("data.train_splits = []: name at least one split to train on")
+    if m.encoder_layers != 4 and m.name != "resnet_unet":
+        raise ConfigError(f"model.encoder_layers = {m.encoder_layers}: only resnet_unet has fewer than 4 "
+                          f"(model.name = {m.name!r})")
+    if m.pretrained and m.name.startswith("unet"):
+        raise ConfigError(f"model.pretrained = {m.pretrained!r}: model {m.name!r} has no pretrained encoder "
+                          f"(resnet_unet and smp_* have)")
+    if m.attention and m.name.startswith("smp_"):
+        raise ConfigError(f"model.attention = true: model {m.name!r} has no attention gates (unet* and resnet_unet have)")
+    if cfg.loss.stage_weight > 0 and not (m.name == "resnet_unet" and m.stage_heads):
+        raise ConfigError(f"loss.stage_weight = {cfg.loss.stage_weight}: deep supervision needs a model whose "
+                          f"decoder stages predict (model.name = \"resnet_unet\", model.stage_heads = true)")
+    weights = cfg.loss.class_weights
+    if weights and len(weights) != CLASSES_PER_HAND:
+        raise ConfigError(f"loss.class_weights: {len(weights)} weights; expected {CLASSES_PER_HAND} (background + "
+                          f"16 parts) or none")
+    if t.precision == "fp16" and t.device == "cpu":
+        raise ConfigError("train.precision = 'fp16' needs a GPU, and train.device = 'cpu' (use bf16 or fp32)")
+    if t.device == "cuda" and s.gpus_per_node == 0:
+        raise ConfigError("train.device = 'cuda', but slurm.gpus_per_node = 0 asks for no GPU")
+
+
+def check_config(cfg: Config, where: str = "config") -> Config:
+    """The one validation of a whole config (module note): each field, then the fields against each
+    other. Returns cfg; raises ConfigError naming `where`, the key, the value and what is allowed."""
+    try:
+        _check_fields(cfg)
+        _check_relations(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -269,7 +436,7 @@ def apply_override(table: dict, path: list[str], value) -> None:
 
 
 def from_dict(table: dict, where: str = "config") -> Config:
-    return _build(Config, table, where)
+    return check_config(_build(Config, table, where), where)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -384,16 +551,24 @@ def resolve_retrain(cfg: Config) -> Config:
 
 
 def job_config(cfg: Config) -> Config:
-    """The config a job runs with: its kind checked, retrain_full resolved."""
-    if cfg.job not in JOB_KINDS:
-        raise ConfigError(f"job = {cfg.job!r}: expected one of {', '.join(JOB_KINDS)}")
+    """The config a job runs with: what its kind needs checked, retrain_full resolved."""
     if cfg.job == "export" and not (cfg.export.checkpoint or cfg.from_run):
         raise ConfigError("export.checkpoint: name a checkpoint file or a run folder, e.g. "
                           "--set export.checkpoint=runs/train")
     if cfg.job == "retrain_full" and not cfg.from_run:
         raise ConfigError("from_run: a retrain_full job needs the finished run whose recipe and step count "
                           "it retrains, e.g. --set from_run=runs/train")
-    return resolve_retrain(cfg) if cfg.job == "retrain_full" else cfg
+    if cfg.job != "retrain_full":
+        return cfg
+    return check_config(resolve_retrain(cfg), f"from_run = {cfg.from_run} retrained as {cfg.name}")
+
+
+def training_splits(cfg: Config) -> list[str]:
+    """The splits a training run reads: what it trains on, and what it validates on."""
+    splits = list(cfg.data.train_splits)
+    if cfg.train.val_every > 0:
+        splits.append(cfg.data.val_split)
+    return list(dict.fromkeys(splits))
 
 
 def _absolute(path: str) -> str:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from amodal import slurm
 
 
 @dataclass
@@ -54,12 +54,9 @@ def slurm_hostnames(nodelist: str) -> list[str]:
     """Expand a Slurm node list ('n[1-3],gpu7') with `scontrol show hostnames`, which knows every
     syntax; where scontrol is not installed, our own expansion of the common one (prefix[ranges]suffix,
     zero padding kept). submitit's parser would do, but it is private."""
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
-                             text=True, timeout=60).stdout
-        hosts = [h for h in out.split() if h]
-        if hosts:
-            return hosts
+    hosts = slurm.hostnames(nodelist)
+    if hosts:
+        return hosts
     hosts = []
     for prefix, ranges, suffix in re.findall(r"([^,\[]*)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
         if not ranges:

@@ -4,35 +4,18 @@ As in DINO's run_with_submitit.py, the job object is what submitit pickles; a re
 the same object again under the same job id, and it resumes from its run folder. Unlike DINO, a
 training job does not checkpoint inside a signal handler: for the whole job USR2 and SIGTERM only set
 a flag (amodal.signals' handlers replace submitit's), the loop stops at a step boundary with every rank
-agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened (docs/design.md §3):
+agreeing, rank 0 saves, and train() returns. Only then does rank 0 decide what happened and who
+requeues the job (amodal.outcome: wall time, preemption with or without grace time, a node failure or
+a requeue by hand, scancel), record it in <run>/requeues.json (amodal.requeues), requeue the job when
+that is ours to do, and every rank exits with EXIT_INTERRUPTED (75).
 
-- Slurm has already requeued the job: its Restarts count (`scontrol show job`) is past this run's
-  SLURM_RESTART_COUNT. That is a preemption without grace time (USR2 and SIGTERM together) or past it,
-  a requeue by hand or a node failure (SIGTERM alone); the job leaves the requeue to Slurm.
-- Slurm is preempting the job with a grace time: the job has a PreemptTime and only USR2 came. Requeue
-  now with `scontrol requeue`: a job that exits during its grace time is otherwise recorded as FAILED
-  and never comes back. Preemption requeues are not bounded.
-- USR2 otherwise: our `--signal=USR2@delay` before the wall-time limit. Requeue, at most
-  `slurm.max_walltime_requeues` times.
-- SIGTERM otherwise: scancel. Never requeue: a cancelled job stays cancelled.
-Then every rank exits with EXIT_INTERRUPTED (75).
-
-Every interruption is one entry of <run>/requeues.json (read_requeues): written when rank 0 acts on
-the signal, or, for a run killed before it could (a node failure, SIGKILL after KillWait), by the next
-run of the same job as it starts. That next start also asks Slurm's accounting why Slurm requeued the
-job (sacct -D: PREEMPTED, NODE_FAIL, REQUEUED), and records the step it resumed at and how many steps
-it trains again (the ended run's last step, from <run>/last_step, minus the checkpoint's).
-
-The time left cannot tell wall time from preemption: Slurm moves the EndTime of a preempted job to
-the end of its grace time. A signal that comes while submitit's own handler is still (or again)
-installed, i.e. before train() or in an export job, goes through Job.checkpoint() and the same
-decision. With submitit's local executor "requeue" is exit status 144, which its controller answers
-by starting the tasks again.
+A signal that comes while submitit's own handler is still (or again) installed, i.e. before train() or
+in an export job, goes through Job.checkpoint() and the same decision. With submitit's local executor
+"requeue" is exit status 144, which its controller answers by starting the tasks again.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -42,98 +25,12 @@ from pathlib import Path
 import submitit
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-from amodal import signals
+from amodal import runlock, signals, slurm
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_text_atomic
+from amodal.outcome import decide, look_again, slurm_requeued
+from amodal.requeues import read_requeues, record_interruption, record_resume, record_start
 from amodal.signals import EXIT_INTERRUPTED
-from amodal.tracking import read_last_step
-
-
-# What ended a run of a job, as requeues.json and amodal.status name it.
-KINDS = {"walltime": "wall time", "preemption": "preemption", "node_failure": "node failure",
-         "requeue": "requeue by hand", "cancel": "scancel", "unknown": "unknown"}
-# sacct's state of a run that Slurm ended and requeued (sacct -D: one row per start of a job).
-SACCT_KINDS = {"PREEMPTED": "preemption", "NODE_FAIL": "node_failure", "REQUEUED": "requeue", "TIMEOUT": "walltime"}
-REQUEUES_FILE = "requeues.json"
-
-
-def read_requeues(run_dir: str | Path) -> dict:
-    """<run>/requeues.json, the run's record of its interruptions:
-
-    - "interruptions": one entry per interruption, oldest first: "kind" (a key of KINDS), "job_id",
-      "attempt" (the run of the job it ended), "signals" (seen by rank 0; none when killed outright),
-      "saved_at" (the step saved on the signal, or None), "stopped_at" (the last step that run trained),
-      "requeued" ("job": it requeued itself, "slurm": Slurm did, "no"), and once the job is back,
-      "resumed_at" (the step of the checkpoint it resumed from) and "redone" (stopped_at - resumed_at:
-      steps trained twice);
-    - "counts": interruptions of each kind;
-    - "attempt": the job and the number of its run (0 first) that started last in this folder.
-    """
-    record = {"interruptions": [], "attempt": None}
-    try:
-        saved = json.loads((Path(run_dir) / REQUEUES_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        saved = {}
-    record.update({k: saved[k] for k in record if k in saved})
-    return _counted(record)
-
-
-def _counted(record: dict) -> dict:
-    record["counts"] = {kind: sum(e["kind"] == kind for e in record["interruptions"]) for kind in KINDS}
-    return record
-
-
-def _write_requeues(run_dir: Path, record: dict) -> None:
-    _counted(record)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / REQUEUES_FILE, json.dumps(record, indent=1) + "\n")
-
-
-def record_start(run_dir: Path, job_id: str, on_slurm: bool) -> dict | None:
-    """Rank 0, as a job's run starts: when it is the same job started again, complete the record of the
-    interruption that ended its previous run, or write one if that run left none (killed before it
-    could act on a signal: a node failure, a preemption past KillWait). Slurm's accounting says why
-    Slurm ended the run; it is read now, when the ended run's row is final, and wins over what the run
-    saw, except for our own requeues (sacct: REQUEUED). Returns that entry."""
-    record = read_requeues(run_dir)
-    previous = record["attempt"]
-    same_job = previous is not None and previous["job_id"] == job_id
-    record["attempt"] = {"job_id": job_id, "number": previous["number"] + 1 if same_job else 0}
-    entry = None
-    if same_job:
-        last = record["interruptions"][-1] if record["interruptions"] else None
-        if last is not None and last["attempt"] == previous:
-            entry = last
-        else:
-            entry = {"kind": "unknown", "job_id": job_id, "attempt": previous, "signals": [], "saved_at": None,
-                     "stopped_at": None, "requeued": "slurm", "resumed_at": None, "redone": None,
-                     "time": round(time.time(), 3)}
-            record["interruptions"].append(entry)
-        slurm_kind = sacct_requeue_kind(job_id) if on_slurm else None
-        if slurm_kind is not None and not (slurm_kind == "requeue" and entry["requeued"] == "job"):
-            entry["kind"] = slurm_kind
-        last_step = read_last_step(run_dir)
-        if last_step is not None:
-            entry["stopped_at"] = last_step
-    _write_requeues(run_dir, record)
-    return entry
-
-
-def record_resume(run_dir: Path, step: int) -> None:
-    """Rank 0, once training has restored its checkpoint: the step the interruption before this run
-    resumed at, and how many steps of the ended run are trained again."""
-    record = read_requeues(run_dir)
-    attempt = record["attempt"]
-    if not record["interruptions"] or attempt is None or attempt["number"] == 0:
-        return
-    entry = record["interruptions"][-1]
-    if entry["attempt"] != {"job_id": attempt["job_id"], "number": attempt["number"] - 1}:
-        return
-    entry["resumed_at"] = step
-    entry["redone"] = entry["stopped_at"] - step if entry["stopped_at"] is not None else None
-    _write_requeues(run_dir, record)
-    redone = f"{entry['redone']} steps trained again" if entry["redone"] is not None else "steps redone unknown"
-    print(f"restart {attempt['number']} after {KINDS[entry['kind']]}: resumed at step {step}, {redone}", flush=True)
 
 
 def _job_environment():
@@ -144,52 +41,16 @@ def _job_environment():
         return None
 
 
-def slurm_command(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run scontrol or sacct so that it ignores SIGTERM (`trap '' TERM` survives the exec): Slurm sends
-    SIGTERM to every process of a job it requeues or preempts, and a command started then, or the
-    `scontrol requeue` that causes it, would be killed before it answers."""
-    return subprocess.run(["sh", "-c", 'trap "" TERM; exec "$@"', "sh", *args], capture_output=True, text=True,
-                          timeout=30, check=check)
-
-
-def scontrol_job(job_id: str) -> dict:
-    """`scontrol show job` as a dict of its fields ({} when Slurm does not answer)."""
-    try:
-        out = slurm_command("scontrol", "-o", "show", "job", str(job_id)).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(token.split("=", 1) for token in out.split() if "=" in token)
-
-
-def sacct_requeue_kind(job_id: str) -> str | None:
-    """Why Slurm ended the newest ended run of a job (sacct -D lists each run), as a key of KINDS; None
-    when accounting does not answer or gives no such state."""
-    try:
-        out = slurm_command("sacct", "-n", "-D", "-X", "-P", "-j", str(job_id), "-o", "State").stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    ended = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] not in ("RUNNING", "PENDING")]
-    return SACCT_KINDS.get(ended[-1]) if ended else None
-
-
-def slurm_requeued(fields: dict) -> bool:
-    """Whether Slurm has already ended this run and requeued the job (`scontrol show job` fields): its
-    Restarts count is past this run's SLURM_RESTART_COUNT. So it is after a preemption without grace
-    time (or past it), a requeue by hand and a node failure; the SIGTERM that ends the run comes after."""
-    restarts = fields.get("Restarts", "0")
-    return restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-
-
-def slurm_preempting(fields: dict) -> bool:
-    """Whether Slurm is preempting this job with a grace time: the job has a PreemptTime."""
-    return fields.get("PreemptTime", "None") not in ("None", "Unknown")
+def _restart_count() -> int:
+    """This run's number among the runs of its Slurm job (SLURM_RESTART_COUNT; 0 for the first)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
 def requeue(env) -> None:
     """Requeue this job under its own id: `scontrol requeue` on Slurm; with submitit's local executor,
     the exit status its controller answers by starting the tasks again."""
     if env.cluster == "slurm":
-        slurm_command("scontrol", "requeue", str(env.job_id), check=True)
+        slurm.scontrol_requeue(env.job_id)
     else:
         sys.exit(LOCAL_REQUEUE_RETURN_CODE)
 
@@ -200,7 +61,7 @@ def requeue_now(env) -> None:
     try:
         requeue(env)
     except (OSError, subprocess.SubprocessError) as e:
-        if env.cluster == "slurm" and slurm_requeued(scontrol_job(env.job_id)):
+        if env.cluster == "slurm" and slurm_requeued(slurm.scontrol_job(env.job_id), _restart_count()):
             print(f"Slurm has requeued the job itself meanwhile (our scontrol requeue: {e})", flush=True)
         else:
             print(f"requeue failed: {e}", flush=True)
@@ -214,10 +75,14 @@ class Job:
         self.run_dir = str(run_dir)
 
     def __call__(self):
+        from amodal.preflight import check_inputs  # here: the launcher imports this module before torch
+
+        cfg = from_dict(self.config, f"job config of {self.run_dir}")
+        check_inputs(cfg)  # again where the job runs: what was there at submission may be gone
         env = _job_environment()
         if env is not None and env.global_rank == 0:
             record_start(Path(self.run_dir), str(env.job_id), env.cluster == "slurm")
-        return self.run(from_dict(self.config, f"job config of {self.run_dir}"), Path(self.run_dir))
+        return self.run(cfg, Path(self.run_dir))
 
     def run(self, cfg: Config, run_dir: Path):
         raise NotImplementedError
@@ -225,7 +90,7 @@ class Job:
     def checkpoint(self):
         """Called by submitit's own USR2 handler, which is active only where ours is not (an export job,
         the first moments of a training job). The job starts again from its run folder, so nothing is
-        saved here: requeue the job (ourselves, as a training job does: see slurm_command) unless Slurm
+        saved here: requeue the job (ourselves, as a training job does: see slurm.command) unless Slurm
         has already, and exit; or, when the wall-time bound says no, return None: submitit then ends
         the job. (submitit's SIGTERM handler only logs, so SIGTERM does not end us meanwhile.)"""
         requeued = self.interruption(from_dict(self.config, f"job config of {self.run_dir}"), {"SIGUSR2"})
@@ -240,45 +105,18 @@ class Job:
         requeues.json and say what happens next. Returns who requeues the job: "job" (we must, now),
         "slurm" (it did already) or "no"."""
         env = _job_environment()
-        fields = scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
-        if fields and not slurm_requeued(fields) and not slurm_preempting(fields):
-            # Slurm's record can lag its signals by a moment (seen with GraceTime 0 in an export job,
-            # which reads it at once): look again before calling it the wall-time signal or scancel.
-            time.sleep(2)
-            fields = scontrol_job(env.job_id)
-        by_slurm = slurm_requeued(fields)
-        if by_slurm:
-            # Which of the three sacct tells at the next start; USR2 with the SIGTERM means preemption.
-            kind = "preemption" if "SIGUSR2" in signals else "requeue"
-        elif slurm_preempting(fields):
-            kind = "preemption"
-        elif "SIGTERM" in signals:
-            kind = "cancel"
-        else:
-            kind = "walltime"
+        fields = slurm.scontrol_job(env.job_id) if env is not None and env.cluster == "slurm" else {}
+        restart_count = _restart_count()
+        if look_again(fields, restart_count):
+            time.sleep(2)  # Slurm's record can lag its signals by a moment
+            fields = slurm.scontrol_job(env.job_id)
         run_dir = Path(self.run_dir)
-        record = read_requeues(run_dir)
-        count = record["counts"][kind] + 1
-        limit = cfg.slurm.max_walltime_requeues
-        ourselves = not by_slurm and (kind == "preemption" or (kind == "walltime" and count <= limit))
-        requeued = "job" if ourselves else "slurm" if by_slurm else "no"
-        record["interruptions"].append({
-            "kind": kind, "job_id": str(env.job_id) if env is not None else None, "attempt": record["attempt"],
-            "signals": sorted(signals), "saved_at": step, "stopped_at": step, "requeued": requeued,
-            "resumed_at": None, "redone": None, "time": round(time.time(), 3)})
-        _write_requeues(run_dir, record)
-        if by_slurm:
-            why = "preempted" if kind == "preemption" else "requeued by hand or a node failure"
-            print(f"Slurm is requeuing the job itself ({why}; {', '.join(sorted(signals))}): it comes back under "
-                  f"the same job id" + (f" and resumes at step {step}" if step is not None else ""), flush=True)
-        elif kind == "cancel":
-            print("stopped by SIGTERM (scancel): not requeued", flush=True)
-        elif not ourselves:
-            print(f"wall-time signal {count} times (slurm.max_walltime_requeues = {limit}): not requeued", flush=True)
-        else:
-            print(f"requeueing after {'the wall-time signal' if kind == 'walltime' else 'preemption'} "
-                  f"({kind} {count})", flush=True)
-        return requeued
+        outcome = decide(fields, restart_count, signals, read_requeues(run_dir)["counts"],
+                         cfg.slurm.max_walltime_requeues, step)
+        job_id = str(env.job_id) if env is not None else None
+        record_interruption(run_dir, outcome.kind, job_id, signals, step, outcome.requeued)
+        print(outcome.message, flush=True)
+        return outcome.requeued
 
 
 class TrainJob(Job):
@@ -316,13 +154,20 @@ class ExportJob(Job):
     """
 
     def run(self, cfg: Config, run_dir: Path):
+        env = _job_environment()
+        if env is not None and env.global_rank != 0:
+            return None
+        lock = runlock.acquire(run_dir)  # one writer per run folder (amodal/runlock.py)
+        try:
+            return self.export(cfg, run_dir)
+        finally:
+            lock.release()
+
+    def export(self, cfg: Config, run_dir: Path):
         from amodal.distributed import pick_device
         from amodal.predict import load_trained, model_from_state, predict_to_file
         from amodal.submission import check_submission, write_submission
 
-        env = _job_environment()
-        if env is not None and env.global_rank != 0:
-            return None
         ckpt_path, state = load_trained(cfg.export.checkpoint or cfg.from_run)
         model = model_from_state(state, ckpt_path)
         trained, best = state["config"], state.get("best_miou")

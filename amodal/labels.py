@@ -1,7 +1,6 @@
 """The label space of the task (docs/design.md §1): 16 parts per hand, two hands, [left | right]."""
 
 import numpy as np
-import torch
 
 FINGERS = ("thumb", "index", "middle", "ring", "little")
 SEGMENTS = ("proximal", "middle", "distal")
@@ -11,6 +10,9 @@ PART_NAMES = ("background", "palm") + tuple(f"{f}_{s}" for f in FINGERS for s in
 NUM_PARTS = 16  # foreground classes per hand
 NUM_CLASSES = NUM_PARTS + 1  # per hand, background included
 HANDS = ("left", "right")  # order of the two target maps and of the two halves of the logits
+# Key suffixes of a sample's two maps, [left, right], in the course's label LMDB, a folder's labels
+# (<key>__l.png) and the leaderboard file.
+HAND_SUFFIXES = ("__l", "__r")
 LEFT, RIGHT = 0, 1
 NUM_OUTPUTS = 2 * NUM_CLASSES  # 34 logits: [left 17 | right 17]
 TARGET_SIZE = 128  # label maps and model outputs are always 128x128
@@ -27,15 +29,10 @@ def split_logits(logits):
     return logits[:, :NUM_CLASSES], logits[:, NUM_CLASSES:]
 
 
-def swap_hands(maps):
-    """Swap the left and right maps of a target laid out as (..., 2, H, W); used by horizontal flips."""
-    if isinstance(maps, torch.Tensor):
-        return maps.flip(-3)
-    return np.ascontiguousarray(maps[..., ::-1, :, :])
-
-
 def swap_logits(logits):
     """Swap the two 17-channel halves of (N, 34, H, W) logits (flip test-time augmentation)."""
+    import torch
+
     left, right = split_logits(logits)
     return torch.cat([right, left], dim=1)
 
@@ -54,7 +51,3 @@ def _palette():
 
 PALETTE = _palette()  # (17, 3) RGB, one colour per class
 
-
-def colourize(label_map):
-    """uint8 (H, W) label map -> (H, W, 3) RGB image."""
-    return PALETTE[np.asarray(label_map)]

@@ -22,8 +22,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from amodal.checkpoint import check_finished_source
-from amodal.config import Config, ConfigError, absolute_paths, job_config, load_config, sweep_points
+from amodal import runlock, slurm
+from amodal.config import (Config, ConfigError, absolute_paths, check_config, job_config, load_config, ranks_per_node,
+                           sweep_points)
 from amodal.fileio import write_text_atomic
 from amodal.jobs import make_job
 
@@ -62,8 +63,7 @@ def resolve_config(args) -> Config:
         if source.suffix == ".pt":
             source = source.parent.parent if source.parent.name == "checkpoints" else source.parent
         cfg = replace(cfg, run_dir=str(source / "export"))
-    if cfg.slurm.hours <= 0:
-        raise ConfigError(f"slurm.hours = {cfg.slurm.hours}: must be positive")
+    check_config(cfg, f"{args.recipe or DEFAULT_RECIPE} with the command line's options")  # flags, --name
     return absolute_paths(cfg)
 
 
@@ -76,7 +76,7 @@ def limits(cfg: Config, cluster: str) -> tuple[float, int]:
 
 
 def tasks_per_node(cfg: Config) -> int:
-    return cfg.slurm.tasks_per_node or max(cfg.slurm.gpus_per_node, 1)  # one task (rank) per GPU
+    return ranks_per_node(cfg.slurm)
 
 
 def slurm_parameters(cfg: Config, after: str | None, array: int) -> dict:
@@ -157,6 +157,28 @@ def wait_local(job) -> int:
         return 1
 
 
+def check_one_writer(cfg: Config, after: str | None) -> None:
+    """One writer per run folder: refuse while the Slurm job last launched under this name (job.json)
+    is pending or running, or another process holds the folder (run.lock), unless --after chains this
+    job to that one."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        record = json.loads((run_dir / "job.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    chained = lambda job: after is not None and job is not None and after in (job, job.split("_")[0])
+    job = str(record.get("job_id")) if record.get("cluster") == "slurm" else None
+    row = slurm.squeue_row(job, "%T") if job and not chained(job) else None
+    if row is not None:
+        raise ConfigError(f"run folder {run_dir}: Slurm job {job}, launched under the name {cfg.name!r}, is "
+                          f"{row[0]}: one writer per run folder. Chain this job after it with --after {job}, "
+                          f"or pick another --name")
+    holder = runlock.live_holder(run_dir)
+    if holder is not None and not chained(holder.get("job")):
+        raise ConfigError(f"run folder {run_dir} is held by {runlock.describe(holder)}: one writer per run "
+                          f"folder. Wait for it to end, or pick another --name")
+
+
 def launch(cfg: Config, args) -> int:
     cluster = args.cluster
     if cluster is None:
@@ -168,8 +190,11 @@ def launch(cfg: Config, args) -> int:
     if cluster == "local" and cfg.slurm.nodes != 1:
         raise ConfigError(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs on this machine only")
     points = [absolute_paths(job_config(p)) for p in sweep_points(cfg)]
+    from amodal.preflight import check_inputs  # here, not above: a config error is refused before torch loads
+
     for p in points:
-        check_finished_source(p)
+        check_inputs(p, args.after)
+        check_one_writer(p, args.after)
     folder = Path(cfg.run_dir) / "submitit"  # the sweep's folder for an array
     if args.dry_run:
         if cluster == "slurm":

@@ -32,9 +32,9 @@ from pathlib import Path
 from amodal.config import Config, ConfigError, from_dict
 from amodal.fileio import write_atomic
 from amodal.labels import FINGERS, HANDS, NUM_PARTS, PART_NAMES
+from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 DASH = "—"
 
 # Field names of the trainer's metrics.jsonl records (amodal/train.py, its log.event calls).
@@ -146,28 +146,6 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a last line cut short (a killed writer) is dropped, a broken
-    line before it is an error naming the file and line."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path}:{number}: not a JSON record ({e})") from None
-        if not isinstance(record, dict):
-            raise ReportError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
 def read_run(folder: Path) -> Run:
     config_path = folder / CONFIG_FILE
     try:
@@ -180,7 +158,10 @@ def read_run(folder: Path) -> Run:
         config = from_dict(table, str(config_path))
     except ConfigError as e:
         raise ReportError(str(e)) from None
-    records = read_records(folder / METRICS_FILE)
+    try:
+        records = read_metrics(folder / METRICS_FILE)
+    except MetricsError as e:
+        raise ReportError(str(e)) from None
     train = [r for r in records if r.get(KIND) == TRAIN_KIND]
     val = [r for r in records if r.get(KIND) == VAL_KIND]
     for r in val:

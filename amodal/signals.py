@@ -5,7 +5,7 @@ when it ends a job (preemption without grace time, scancel). A handler that save
 would do it in the middle of a step, on one rank, with loader workers and collectives in flight; so
 the handler only records the signal, and the loop agrees with the other ranks on when to stop
 (amodal/train.py). EXIT_INTERRUPTED is the exit status of a process that stopped on a signal after
-saving; the job layer (amodal/jobs.py) decides whether the job comes back.
+saving; the job layer (amodal/jobs.py, amodal/outcome.py) decides whether the job comes back.
 """
 
 from __future__ import annotations

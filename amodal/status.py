@@ -9,39 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from amodal.jobs import KINDS, read_requeues, scontrol_job, slurm_command
-
-
-def _slurm(*cmd: str) -> str:
-    """A Slurm command's output, "" when it does not answer."""
-    try:
-        return slurm_command(*cmd).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
+from amodal import slurm
+from amodal.outcome import KINDS
+from amodal.requeues import read_requeues
+from amodal.tracking import METRICS_FILE, MetricsError, read_metrics
 
 
 def slurm_lines(job_id: str) -> list[str]:
     """State (squeue while the job is queued or running, else sacct), runs and restarts of a Slurm job."""
-    if not shutil.which("squeue"):
+    if not slurm.installed():
         return [f"job        {job_id} on Slurm: no Slurm commands on this machine"]
-    queued = _slurm("squeue", "-h", "-j", job_id, "-o", "%T|%r|%N")
+    queued = slurm.squeue_row(job_id, "%T|%r|%N")
     if queued:
-        state, reason, nodes = queued.splitlines()[0].split("|")
+        state, reason, nodes = queued
         state += f" on {nodes}" if state == "RUNNING" else f" ({reason})"
     else:
-        final = _slurm("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode").splitlines()
-        state = final[-1].replace("|", ", exit ") if final else "unknown (not in squeue or sacct yet)"
+        final = slurm.sacct_rows(job_id, "State,ExitCode")
+        state = ", exit ".join(final[-1]) if final else "unknown (not in squeue or sacct yet)"
     lines = [f"job        {job_id} on Slurm: {state}"]
-    runs = _slurm("sacct", "-n", "-D", "-X", "-P", "-j", job_id, "-o", "State").split()
+    runs = slurm.run_states(job_id)
     if runs:
         lines.append(f"runs       {' -> '.join(runs)} (sacct -D: one entry per start)")
-    restarts = scontrol_job(job_id).get("Restarts")
+    restarts = slurm.scontrol_job(job_id).get("Restarts")
     if restarts:
         lines.append(f"restarts   {restarts} (scontrol)")
     return lines
@@ -58,16 +51,7 @@ def local_lines(job: dict) -> list[str]:
 
 def latest_events(path: Path) -> dict:
     """The newest metrics.jsonl record of each event kind (train, val, checkpoint, done, ...)."""
-    latest: dict = {}
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and "event" in record:
-                latest[record["event"]] = record
-    return latest
+    return {record["event"]: record for record in read_metrics(path) if "event" in record}
 
 
 def _ago(record: dict) -> str:
@@ -131,7 +115,7 @@ def describe(run_dir: Path) -> str:
         lines.append(f"checkpoint step {step}{f' of {steps}' if steps else ''}: {path}")
     else:
         lines.append("checkpoint none yet")
-    events = latest_events(run_dir / "metrics.jsonl")
+    events = latest_events(run_dir / METRICS_FILE)
     if "train" in events:
         e = events["train"]
         lines.append(f"train      step {e['step']}: loss {e['loss']:.4f}, lr {e['lr']:.3g}, "
@@ -158,7 +142,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(describe(args.run_dir.resolve()))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MetricsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -33,21 +33,19 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 
-import cv2
 import h5py
 import lmdb
 import numpy as np
 import torch
 
+from amodal.data.codec import CodecError, decode_label_png, encode_label_png
 from amodal.fileio import fsync_path
-from amodal.labels import NUM_PARTS, TARGET_SIZE
+from amodal.labels import HAND_SUFFIXES, NUM_PARTS, TARGET_SIZE
 
 TOP = "test.lmdb"
 IM_PATH = "im_path.pt"
 REQUIRED_FILES = ("data.mdb", IM_PATH)
 OPTIONAL_FILES = ("lock.mdb",)
-SUFFIXES = ("__l", "__r")  # left, right: the order of the two maps in labels[:, i]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHUNK = 256  # samples read from the predictions file at once
 
 
@@ -89,16 +87,25 @@ def _open_predictions(path: str | Path):
             raise SubmissionError(f"{path}: {len(keys)} keys but {labels.shape[0]} label pairs")
         if not keys:
             raise SubmissionError(f"{path}: no predictions")
-        seen: set[str] = set()
         for i, key in enumerate(keys):
             if not key:
                 raise SubmissionError(f"{path}: key {i} is empty")
             if not key.isascii():
                 raise SubmissionError(f"{path}: key {key!r} is not ASCII (the course's reader encodes keys as ASCII)")
-            if key in seen:
-                raise SubmissionError(f"{path}: key {key!r} appears more than once")
-            seen.add(key)
+        repeated = _first_repeated(keys)
+        if repeated is not None:
+            raise SubmissionError(f"{path}: key {repeated!r} appears more than once")
         yield keys, labels
+
+
+def _first_repeated(items: Sequence[str]) -> str | None:
+    """The first item that appears a second time in `items` (the one whose repeat comes first), or None."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _check_values(path: Path, keys: list[str], labels: h5py.Dataset) -> None:
@@ -121,14 +128,6 @@ def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------------
 # Writing
-
-
-def encode_map(label_map: np.ndarray) -> bytes:
-    """A (128, 128) uint8 map -> PNG bytes with 3 identical channels, as the course wrote them."""
-    ok, buf = cv2.imencode(".png", np.repeat(label_map[:, :, None], 3, axis=2))
-    if not ok:
-        raise SubmissionError("OpenCV could not encode a label map as PNG")
-    return buf.tobytes()
 
 
 def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
@@ -170,7 +169,7 @@ def write_submission(predictions_h5: str | Path, out_path: str | Path, test_keys
     with _open_predictions(predictions_h5) as (keys, labels):
         _check_values(predictions_h5, keys, labels)
         for key in keys:
-            if len((key + "__l").encode("ascii")) > 511:  # LMDB's default key size limit
+            if len((key + HAND_SUFFIXES[0]).encode("ascii")) > 511:  # LMDB's default key size limit
                 raise SubmissionError(f"{predictions_h5}: key {key!r} is too long for an LMDB key")
 
         work = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_dir))
@@ -187,8 +186,8 @@ def write_submission(predictions_h5: str | Path, out_path: str | Path, test_keys
                     block = labels[start : start + CHUNK]
                     with env.begin(write=True) as txn:
                         for key, pair in zip(keys[start : start + CHUNK], block):
-                            for hand, suffix in enumerate(SUFFIXES):
-                                txn.put((key + suffix).encode("ascii"), encode_map(pair[hand]))
+                            for hand, suffix in enumerate(HAND_SUFFIXES):
+                                txn.put((key + suffix).encode("ascii"), encode_label_png(pair[hand]))
                 env.sync(True)
             finally:
                 env.close()
@@ -273,20 +272,22 @@ def _read_im_paths(path: Path, file: Path) -> list[str]:
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} does not load with torch.load(weights_only=True): {e}") from None
     if not isinstance(im_paths, list) or not all(isinstance(p, str) for p in im_paths):
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is not a list of str")
-    keys = []
-    seen: set[str] = set()
-    for p in im_paths:
-        if not p.endswith(".jpg"):
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} does not end in .jpg")
-        if not p.isascii():
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {p!r} is not ASCII")
-        if p in seen:
-            raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {p!r} more than once")
-        seen.add(p)
-        keys.append(p[: -len(".jpg")])
+    keys = [_key_of_entry(path, p) for p in im_paths]
+    repeated = _first_repeated(im_paths)
+    if repeated is not None:
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} lists {repeated!r} more than once")
     if not keys:
         raise SubmissionError(f"{path}: {TOP}/{IM_PATH} is empty")
     return keys
+
+
+def _key_of_entry(path: Path, entry: str) -> str:
+    """The test key that an im_path.pt entry names: the entry without its .jpg."""
+    if not entry.endswith(".jpg"):
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {entry!r} does not end in .jpg")
+    if not entry.isascii():
+        raise SubmissionError(f"{path}: {TOP}/{IM_PATH} entry {entry!r} is not ASCII")
+    return entry[: -len(".jpg")]
 
 
 def _compare_keys(path: Path, keys: list[str], test_keys: Sequence[str]) -> None:
@@ -308,27 +309,18 @@ def _compare_keys(path: Path, keys: list[str], test_keys: Sequence[str]) -> None
 
 
 def _decode_map(path: Path, name: str, value: bytes) -> np.ndarray:
-    if not value.startswith(PNG_MAGIC):
-        raise SubmissionError(f"{path}: LMDB entry {name!r} is not a PNG image")
-    image = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise SubmissionError(f"{path}: LMDB entry {name!r} does not decode as PNG")
-    if image.dtype != np.uint8:
-        raise SubmissionError(f"{path}: LMDB entry {name!r} has dtype {image.dtype}, expected uint8")
-    if image.shape[:2] != (TARGET_SIZE, TARGET_SIZE):
+    try:
+        image = decode_label_png(value)
+    except CodecError as e:
+        raise SubmissionError(f"{path}: LMDB entry {name!r} {e}") from None
+    if image.shape != (TARGET_SIZE, TARGET_SIZE):
         raise SubmissionError(
             f"{path}: LMDB entry {name!r} is {image.shape[0]}x{image.shape[1]} (height x width), "
             f"expected {TARGET_SIZE}x{TARGET_SIZE}"
         )
-    if image.ndim == 3:
-        if image.shape[2] != 3:
-            raise SubmissionError(f"{path}: LMDB entry {name!r} has {image.shape[2]} channels, expected 1 or 3")
-        if not (np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2])):
-            raise SubmissionError(f"{path}: LMDB entry {name!r} has 3 channels that differ")
-        image = image[:, :, 0]
     if image.max() > NUM_PARTS:
         raise SubmissionError(f"{path}: LMDB entry {name!r} has label value {int(image.max())} (allowed 0..{NUM_PARTS})")
-    return np.ascontiguousarray(image)
+    return image
 
 
 def _iter_submission(path: str | Path, test_keys: Sequence[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -377,7 +369,7 @@ def _iter_submission(path: str | Path, test_keys: Sequence[str] | None = None) -
             raise SubmissionError(f"{path}: {TOP} is not a readable LMDB environment ({e})") from None
         try:
             with env.begin(write=False) as txn:
-                wanted = {(key + suffix).encode("ascii") for key in keys for suffix in SUFFIXES}
+                wanted = {(key + suffix).encode("ascii") for key in keys for suffix in HAND_SUFFIXES}
                 try:
                     for name in txn.cursor().iternext(keys=True, values=False):
                         if bytes(name) not in wanted:
@@ -387,7 +379,7 @@ def _iter_submission(path: str | Path, test_keys: Sequence[str] | None = None) -
                             )
                     for key in keys:
                         pair = []
-                        for suffix in SUFFIXES:
+                        for suffix in HAND_SUFFIXES:
                             value = txn.get((key + suffix).encode("ascii"))
                             if value is None:
                                 raise SubmissionError(f"{path}: key {key!r} has no LMDB entry {key + suffix!r}")

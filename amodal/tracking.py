@@ -1,4 +1,5 @@
-"""The record of a training run: log.txt and metrics.jsonl (RunLog), and the wandb run (Tracker).
+"""The record of a training run: log.txt and metrics.jsonl (RunLog, read back by read_metrics), and the
+wandb run (Tracker).
 
 Both are written by rank 0 only. metrics.jsonl is the complete record (one JSON object per event);
 wandb is the dashboard beside it.
@@ -30,6 +31,36 @@ from urllib.parse import urlparse
 
 MODES = ("auto", "online", "offline", "off")
 LAST_STEP_FILE = "last_step"
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl line that is not a JSON object (the message names the file and line)."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (RunLog.event), oldest first; [] when there is none yet. A last
+    line cut short (a killed writer, or one being written right now) is dropped; a broken line before
+    it is a MetricsError naming the file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise MetricsError(f"{path}:{number}: not a JSON record ({e})") from None
+        if not isinstance(record, dict):
+            raise MetricsError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 def read_last_step(run_dir: str | Path) -> int | None:
@@ -51,13 +82,13 @@ class RunLog:
         self.bar = None
         if main:
             self._log = open(run_dir / "log.txt", "a", buffering=1)
-            self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            self._metrics = open(run_dir / METRICS_FILE, "a", buffering=1)
             self._last_step = os.open(run_dir / LAST_STEP_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
 
     def step_done(self, step: int) -> None:
         """Rewrite <run>/last_step after every step: one small write, no fsync. A job killed without
         warning (or one that saved a step earlier than its last) leaves there how far it got, so its
-        next start can count the steps it trains again (amodal/jobs.py, requeues.json)."""
+        next start can count the steps it trains again (amodal/requeues.py, requeues.json)."""
         if self.main:
             os.pwrite(self._last_step, f"{step:>12d}\n".encode(), 0)  # fixed width: nothing to truncate
 

@@ -7,8 +7,10 @@ submitit) and resumes when the run folder already holds a checkpoint. The run fo
 config.json (the resolved config), log.txt, metrics.jsonl (one JSON object per event),
 checkpoints/ and, when tracking, wandb/.
 
-`Trainer` holds one rank's training: set up in __init__, `restore()` from the newest checkpoint,
-`train_step(batch)`, `validate()`, `save()`, and `fit()`, the loop. `train()` wraps it for a process:
+`Trainer` holds one rank's training: built in __init__, made ready for `fit()` by `set_up()` (which
+calls `restore()` from the newest checkpoint, `wrap_model()`, `start_tracking()`, `write_config()` and
+`build_loaders()` in that order), `train_step(batch)` (amodal/step.py's step, which the benchmarks
+time too), `validate()`, `save()`, and `fit()`, the loop. `train()` wraps it for a process:
 signal handlers, the process group, and the data made ready by rank 0 before any rank reads it, then
 staged to the node's disk (amodal/data/stage.py) unless data.stage says otherwise.
 
@@ -45,20 +47,20 @@ import torch.distributed as dist
 from torch import nn
 
 from amodal import checkpoint as ckpt
-from amodal import signals
-from amodal.config import Config, ConfigError, job_config, load_config
+from amodal import runlock, signals
+from amodal.config import Config, ConfigError, job_config, load_config, training_splits
 from amodal.data.dataset import ShardDataset
+from amodal.data.device_augment import augment_batch, resolve_on
 from amodal.data.format import ShardError
 from amodal.data.pack import ensure_synthetic
 from amodal.data.sampler import build_eval_loader, build_train_loader, per_rank_batch
 from amodal.data.stage import stage_data
 from amodal.distributed import DistInfo, barrier, cleanup, init_distributed
 from amodal.fileio import write_text_atomic
-from amodal.losses import build_loss, stage_loss
 from amodal.metrics import evaluate
-from amodal.models import build_model
-from amodal.optim import apply_recipe, make_ema, make_optimizer, make_scheduler
+from amodal.optim import apply_recipe, make_ema, make_scheduler
 from amodal.signals import EXIT_INTERRUPTED
+from amodal.step import build_step, resolve_precision
 from amodal.tracking import RunLog, start_tracking
 
 
@@ -105,23 +107,6 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, whether a grad scaler is needed)."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16, False
-        return None, False
-    if precision == "fp32":
-        return None, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.precision = 'fp16' needs a GPU (use bf16 or fp32 on the CPU)")
-        return torch.float16, True
-    raise ConfigError(f"train.precision: {precision!r} is not one of auto, fp32, bf16, fp16")
 
 
 def cpu_threads() -> int | None:
@@ -180,7 +165,8 @@ class Trainer:
 
         data = cfg.data
         root = data_root or data.root
-        self.train_ds = ShardDataset(root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed)
+        self.train_ds = ShardDataset(root, data.train_splits, data.input_size, augment=cfg.augment, seed=t.seed,
+                                     on_device=resolve_on(cfg.augment.on, self.device) == "device")
         if not self.train_ds.has_labels:
             raise ConfigError(f"data.train_splits = {data.train_splits}: no labels in {data.root}")
         self.val_ds = None
@@ -190,29 +176,33 @@ class Trainer:
                 raise ConfigError(f"data.val_split = {data.val_split!r} has no labels in {data.root}")
 
         # Every rank builds the same initial weights from train.seed.
-        torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model).to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg.loss).to(self.device)
-        if cfg.loss.stage_weight > 0 and getattr(self.model, "heads", None) is None:
-            raise ConfigError(f"loss.stage_weight = {cfg.loss.stage_weight}: deep supervision needs a model whose "
-                              f"decoder stages predict (model.name = \"resnet_unet\", model.stage_heads = true)")
-        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.training_step = build_step(cfg, self.device)
+        self.model, self.loss_fn = self.training_step.model, self.training_step.loss_fn
+        self.optimizer, self.scaler = self.training_step.optimizer, self.training_step.scaler
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
         self.step, self.best_miou, self.wandb_id, self.last_path = 0, None, None, None
-        self.ema = None
+        # set_up() fills these
+        self.ema = self.step_model = self.eval_model = None
         self.tracker = None
         self.loader = self.val_loader = None
 
     # ---------------------------------------------------------------------------------------------
     # State
 
+    def set_up(self) -> None:
+        """Make the trainer ready for fit(), in this order: the newest checkpoint restored, the model
+        wrapped for the step, tracking started, config.json written, the loaders built at the step
+        reached."""
+        self.restore()
+        self.wrap_model()
+        self.start_tracking()
+        self.write_config()
+        self.build_loaders()
+
     def restore(self) -> None:
         """Resume from the newest checkpoint that loads, if it was made on the same data and global
-        batch; then wrap the model (EMA, DDP, compile), start tracking and build the loaders at the
-        step reached."""
+        batch: weights, optimizer, schedule, scaler, the step and the moving average of the weights
+        (a fresh average without a checkpoint)."""
         cfg, t = self.cfg, self.cfg.train
         saved_ema = None
         found = ckpt.load_latest(self.run_dir)
@@ -233,16 +223,29 @@ class Trainer:
             self.last_path = str(path)
             del state  # the tensors now live in the model and optimizer
         self.ema = make_ema(self.model, t.ema, saved_ema)
-        del saved_ema
+
+    def wrap_model(self) -> None:
+        """What the step calls: the model in DDP across ranks, compiled when train.compile; validation
+        scores the moving average, or the model itself, never DDP (the ranks' shares are uneven)."""
         ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None) \
             if self.world > 1 else self.model
-        self.step_model = torch.compile(ddp) if t.compile else ddp
-        self.eval_model = self.ema.module if self.ema is not None else self.model  # never DDP (uneven shares)
+        self.step_model = torch.compile(ddp) if self.cfg.train.compile else ddp
+        self.training_step.net = self.step_model
+        self.eval_model = self.ema.module if self.ema is not None else self.model
 
-        self.tracker = start_tracking(cfg, self.run_dir, self.wandb_id, self.rank == 0)
+    def start_tracking(self) -> None:
+        """wandb (or none, per tracking.*), resuming the checkpoint's wandb run."""
+        self.tracker = start_tracking(self.cfg, self.run_dir, self.wandb_id, self.rank == 0)
+
+    def write_config(self) -> None:
+        """Rank 0: the resolved config as config.json in the run folder."""
         if self.rank == 0:
-            write_text_atomic(self.run_dir / "config.json", cfg.dumps() + "\n")
-        workers = cfg.data.num_workers
+            write_text_atomic(self.run_dir / "config.json", self.cfg.dumps() + "\n")
+
+    def build_loaders(self) -> None:
+        """The training loader from the step reached (its samples are a function of the step), and
+        the validation loader."""
+        t, workers = self.cfg.train, self.cfg.data.num_workers
         self.loader = build_train_loader(self.train_ds, t.global_batch, self.rank, self.world, t.seed, workers,
                                          start_step=self.step, pin_memory=self.cuda)
         if self.val_ds is not None:
@@ -285,25 +288,12 @@ class Trainer:
     def train_step(self, batch: dict) -> tuple[torch.Tensor, bool]:
         """Forward, backward and (unless a rank's loss is not finite) the update; returns the loss and
         whether any rank was asked to stop. All ranks decide with one all_reduce."""
-        images = batch["image"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = batch["target"].to(self.device, non_blocking=True)
+        step = self.training_step
+        images, target = step.to_device(batch["image"], batch["target"])
         torch.manual_seed(step_seed(self.cfg.train.seed, self.step, self.rank))  # random ops: f(seed, step)
-        amp = self.amp_dtype
-        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            if self.cfg.loss.stage_weight > 0:
-                logits, stages = self.step_model(images, stages=True)
-                loss = self.loss_fn(logits, target) + self.cfg.loss.stage_weight * stage_loss(
-                    self.loss_fn, stages, target)
-            else:
-                loss = self.loss_fn(self.step_model(images), target)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        grad_norm = None
-        if self.cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        loss = step.loss(step.forward(images), target)
+        step.backward(loss)
+        grad_norm = step.clip()
 
         bad = ~torch.isfinite(loss.detach())
         if grad_norm is not None and not self.use_scaler:  # with fp16 an inf gradient is the scaler's job
@@ -316,8 +306,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {self.step + 1} (loss {loss.item():.4g} on rank "
                 f"{self.rank}); stopped before updating the weights; last checkpoint: {self.last_path or 'none'}")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        step.update()
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -380,6 +369,7 @@ class Trainer:
                       + (f", {torch.get_num_threads()} CPU threads" if not cuda else "") + f", run {self.run_dir}")
         self.log.event("start", step=self.step, resumed_from=self.last_path, world_size=self.world,
                        device=str(self.device), cpu_threads=torch.get_num_threads(),
+                       augment_on_device=self.train_ds.on_device,
                        precision=str(self.amp_dtype) if self.amp_dtype else "fp32", wandb=self.tracker.mode,
                        wandb_run_id=self.tracker.run_id)
 
@@ -387,6 +377,9 @@ class Trainer:
     # The loop
 
     def fit(self) -> TrainResult:
+        if self.loader is None:
+            raise RuntimeError("Trainer.fit() before Trainer.set_up(): the trainer has no checkpoint restored, "
+                               "no wrapped model, no tracking and no loaders yet")
         t, ck = self.cfg.train, self.cfg.checkpoint
         self._log_start()
         start_step = self.step
@@ -398,7 +391,10 @@ class Trainer:
         batches = iter(self.loader)
         stop = False
         while self.step < t.steps and not stop:
-            loss, stop = self.train_step(next(batches))
+            batch = next(batches)
+            if self.train_ds.on_device:  # augment.on = "device": the workers sent crops to warp here
+                batch = augment_batch(batch, self.device, self.cfg.data.input_size)
+            loss, stop = self.train_step(batch)
             self.log.step_done(self.step)
             window.add(loss)
             if self.log.bar is not None:
@@ -487,18 +483,10 @@ def _fmt(value: float | None) -> str:
     return "None" if value is None else f"{value:.4f}"
 
 
-def training_splits(cfg: Config) -> list[str]:
-    """The splits a training run reads: what it trains on, and what it validates on."""
-    splits = list(cfg.data.train_splits)
-    if cfg.train.val_every > 0:
-        splits.append(cfg.data.val_split)
-    return list(dict.fromkeys(splits))
-
-
 def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
           on_start: Callable[[int], None] | None = None) -> TrainResult:
     """Train (or resume) `cfg` in `run_dir` in this process group; see the module note. `on_start(step)` is
-    called on rank 0 once the run has restored its newest checkpoint, with the step it resumes at (the
+    called on rank 0 once the run is set up (its newest checkpoint restored), with the step it resumes at (the
     job layer records it in requeues.json)."""
     run_dir = Path(run_dir)
     previous = None
@@ -506,7 +494,9 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         previous = signals.install()
     owns_group = not dist.is_initialized()
     info = init_distributed(cfg.train.device)
+    lock = None
     try:
+        lock = runlock.hold(run_dir, info.rank)  # one writer per run folder (amodal/runlock.py)
         # Rank 0 makes the built-in synthetic shards when the recipe asks for them and they are not there.
         if info.rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -518,7 +508,7 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
             staged = stage_data(cfg.data, training_splits(cfg), warn=info.local_rank == 0)
             log.info(staged.note, echo=bool(staged.copied))  # a fall-back has warned on stderr already
             trainer = Trainer(cfg, run_dir, info, log, staged.root)
-            trainer.restore()
+            trainer.set_up()
             if on_start is not None and info.rank == 0:
                 on_start(trainer.step)
             result = trainer.fit()
@@ -533,6 +523,8 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
         finally:
             log.close()
     finally:
+        if lock is not None:
+            lock.release()
         if previous is not None:
             signals.restore(previous)
         if owns_group:

@@ -73,6 +73,8 @@ def load_tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tools_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
+    if str(TOOLS) not in sys.path:  # as when it runs as a script: its folder is on the path (gpucheck)
+        sys.path.append(str(TOOLS))
     spec.loader.exec_module(module)
     return module
 

@@ -173,6 +173,12 @@ def test_folder_bad_input_names_file_and_key(frames, tmp_path):
     cv2.imwrite(str(src / "labels" / f"{key}__r.png"), np.zeros((50, 60), np.uint8))
     with pytest.raises(SourceError, match=rf"{key}__r.png: key '{key}': label map is 60x50"):
         FolderSource(src, "train").get(1)
+    cv2.imwrite(str(src / "labels" / f"{key}__r.png"), np.zeros((160, 200), np.uint16))
+    with pytest.raises(SourceError, match=rf"{key}__r.png: key '{key}': label image has dtype uint16, expected uint8"):
+        FolderSource(src, "train").get(1)
+    cv2.imwrite(str(src / "labels" / f"{key}__r.png"), np.dstack([lab * 0, lab * 0, lab]))
+    with pytest.raises(SourceError, match=rf"{key}__r.png: key '{key}': label image has 3 channels that differ"):
+        FolderSource(src, "train").get(1)
     boxes = json.loads((src / "boxes.json").read_text())
     boxes["val"][0]["bbox"] = [10, 10, -5, 20]
     boxes["val"].append({"key": "../escape", "bbox": [0, 0, 1, 1]})

@@ -7,9 +7,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amodal"
 
 # Lower layers never import higher ones; within a layer, no cycles.
 LAYERS = [
-    ["amodal.labels", "amodal.config", "amodal.fileio", "amodal.signals"],
+    ["amodal.labels", "amodal.config", "amodal.fileio", "amodal.signals", "amodal.slurm", "amodal.outcome"],
     ["amodal.data", "amodal.models", "amodal.losses", "amodal.metrics", "amodal.optim"],
-    ["amodal.checkpoint", "amodal.tracking", "amodal.distributed"],
+    ["amodal.checkpoint", "amodal.tracking", "amodal.distributed", "amodal.requeues", "amodal.runlock",
+     "amodal.preflight", "amodal.step", "amodal.bench"],
     ["amodal.train", "amodal.predict", "amodal.submission", "amodal.evaluate", "amodal.visualize", "amodal.report"],
     ["amodal.jobs"],
     ["amodal.launch", "amodal.status"],

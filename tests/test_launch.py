@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from amodal import jobs, launch, status
+from amodal import jobs, launch, requeues, status
 from amodal.checkpoint import list_checkpoints
 from amodal.config import load_config
+from amodal.outcome import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = str(REPO / "jobs" / "smoke.toml")
@@ -110,6 +111,8 @@ def test_retrain_takes_the_recipe_and_steps_of_a_finished_run(tmp_path, monkeypa
 
 def test_export_goes_next_to_the_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "checkpoints" / "step-00000010.pt").write_bytes(b"")  # the launcher checks it is there
     code, out, _ = run_main(capsys, str(REPO / "jobs" / "export.toml"), "--dry-run", "--cluster", "local",
                             "--set", "export.checkpoint=runs/a/checkpoints/step-00000010.pt")
     assert code == 0
@@ -147,36 +150,10 @@ def test_walltime_requeues_are_bounded(tmp_path):
     job = jobs.TrainJob(cfg, tmp_path)
     assert [job.interruption(cfg, {"SIGUSR2"}) for _ in range(3)] == ["job", "job", "no"]
     assert job.interruption(cfg, {"SIGTERM"}) == "no"  # scancel: never requeued
-    record = jobs.read_requeues(tmp_path)
-    assert record["counts"] == dict(dict.fromkeys(jobs.KINDS, 0), walltime=3, cancel=1)
+    record = requeues.read_requeues(tmp_path)
+    assert record["counts"] == dict(dict.fromkeys(KINDS, 0), walltime=3, cancel=1)
     assert [(e["kind"], e["requeued"]) for e in record["interruptions"]] == [
         ("walltime", "job"), ("walltime", "job"), ("walltime", "no"), ("cancel", "no")]
-
-
-def test_a_run_killed_without_a_word_is_counted_at_the_next_start(tmp_path):
-    """A run that could not act on a signal (SIGKILL, a node lost) leaves no entry; the next start of the
-    same job writes it: what the ended run trained (<run>/last_step), where the new one resumed, the
-    steps trained twice. Not a Slurm job, so no accounting to ask: the kind stays unknown."""
-    from amodal.tracking import RunLog
-
-    jobs.record_start(tmp_path, "local-7", on_slurm=False)
-    log = RunLog(tmp_path, True)
-    for step in range(1, 18):
-        log.step_done(step)
-    log.close()  # then killed: nothing else is written
-    assert jobs.record_start(tmp_path, "local-7", on_slurm=False)["stopped_at"] == 17
-    jobs.record_resume(tmp_path, 12)  # the newest checkpoint was of step 12
-    record = jobs.read_requeues(tmp_path)
-    (entry,) = record["interruptions"]
-    assert (entry["kind"], entry["signals"], entry["saved_at"]) == ("unknown", [], None)
-    assert (entry["stopped_at"], entry["resumed_at"], entry["redone"]) == (17, 12, 5)
-    assert record["counts"]["unknown"] == 1 and record["attempt"] == {"job_id": "local-7", "number": 1}
-    jobs.record_start(tmp_path, "local-8", on_slurm=False)  # another job in the same folder: a new start, not a restart
-    assert len(jobs.read_requeues(tmp_path)["interruptions"]) == 1
-    assert jobs.read_requeues(tmp_path)["attempt"] == {"job_id": "local-8", "number": 0}
-    text = "\n".join(status.requeue_lines(jobs.read_requeues(tmp_path)))
-    assert "  1. unknown (no signal): stopped at step 17, nothing saved on a signal; resumed at step 12, " \
-           "5 steps redone" in text, text
 
 
 @pytest.mark.slow
@@ -201,8 +178,8 @@ def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch,
     assert "wall-time signal 2 times (slurm.max_walltime_requeues = 1): not requeued" in out, out[-3000:]
     last = list_checkpoints(run)[-1][0]
     assert first < last < 5000
-    record = jobs.read_requeues(run)
-    assert record["counts"] == dict(dict.fromkeys(jobs.KINDS, 0), walltime=2)
+    record = requeues.read_requeues(run)
+    assert record["counts"] == dict(dict.fromkeys(KINDS, 0), walltime=2)
     # The second run of the job resumed where the signal stopped the first: no step trained twice.
     one, two = record["interruptions"]
     assert (one["saved_at"], one["stopped_at"], one["resumed_at"], one["redone"]) == (first, first, first, 0)

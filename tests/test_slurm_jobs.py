@@ -28,8 +28,9 @@ import torch
 
 from amodal import status
 from amodal.checkpoint import list_checkpoints, load_checkpoint
-from amodal.jobs import KINDS, read_requeues
-from amodal.tracking import read_last_step
+from amodal.outcome import KINDS
+from amodal.requeues import read_requeues
+from amodal.tracking import METRICS_FILE, read_last_step, read_metrics
 from conftest import sh, wait_until
 
 pytestmark = pytest.mark.slurm
@@ -135,18 +136,7 @@ def job_log(run: Path, task: int = 0) -> Path:
 
 
 def events(run: Path, kind: str) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    found = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == kind:
-            found.append(record)
-    return found
+    return [record for record in read_metrics(run / METRICS_FILE) if record.get("event") == kind]
 
 
 def final_weights(run: Path, steps: int) -> dict:

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from amodal.data.codec import encode_label_png
 from amodal.submission import (
     SubmissionError,
     check_submission,
-    encode_map,
     read_predictions,
     read_submission,
     write_submission,
@@ -189,7 +189,7 @@ def test_im_path_without_jpg_and_not_a_list(tmp_path, submission):
 
 def test_map_127_by_128(tmp_path, submission):
     folder = unpack(submission, tmp_path / "x")
-    edit_lmdb(folder, put=[(KEYS[1] + "__l", encode_map(np.zeros((127, 128), np.uint8)))])
+    edit_lmdb(folder, put=[(KEYS[1] + "__l", encode_label_png(np.zeros((127, 128), np.uint8)))])
     bad = pack(folder, tmp_path / "bad.tar.gz")
     assert_fault(bad, rf"LMDB entry {KEYS[1] + '__l'!r} is 127x128")
 
@@ -198,7 +198,7 @@ def test_value_17(tmp_path, submission):
     folder = unpack(submission, tmp_path / "x")
     m = np.zeros((128, 128), np.uint8)
     m[5, 7] = 17
-    edit_lmdb(folder, put=[(KEYS[3] + "__r", encode_map(m))])
+    edit_lmdb(folder, put=[(KEYS[3] + "__r", encode_label_png(m))])
     bad = pack(folder, tmp_path / "bad.tar.gz")
     assert_fault(bad, rf"LMDB entry {KEYS[3] + '__r'!r} has label value 17")
 
@@ -212,7 +212,7 @@ def test_missing_right_map(tmp_path, submission):
 
 def test_foreign_lmdb_entry_channels_and_encoding(tmp_path, submission):
     folder = unpack(submission, tmp_path / "x")
-    edit_lmdb(folder, put=[("stray__l", encode_map(np.zeros((128, 128), np.uint8)))])
+    edit_lmdb(folder, put=[("stray__l", encode_label_png(np.zeros((128, 128), np.uint8)))])
     assert_fault(pack(folder, tmp_path / "a.tar.gz"), r"LMDB entry 'stray__l' belongs to no key")
 
     folder = unpack(submission, tmp_path / "y")

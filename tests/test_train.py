@@ -27,7 +27,8 @@ from amodal.data.sampler import per_rank_batch
 from amodal.models import build_model
 from amodal.optim import make_optimizer, warmup_cosine
 from amodal.signals import EXIT_INTERRUPTED
-from amodal.train import NonFiniteLossError, main, train
+from amodal.distributed import DistInfo
+from amodal.train import NonFiniteLossError, Trainer, main, train
 from test_train_support import REPO, TINY, base_env, events
 
 RECIPES = REPO / "jobs"
@@ -269,6 +270,17 @@ def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(synthetic_sha
     with pytest.raises(NonFiniteLossError, match="step 2"):
         train(tiny_config(synthetic_shards, "train.steps=6", "train.val_every=0", "optim.lr=1e30",
                           "optim.warmup_steps=0"), tmp_path / "again")
+
+
+def test_fit_without_set_up_is_a_clear_error(synthetic_shards, tmp_path):
+    log = tracking.RunLog(tmp_path, main=True)
+    try:
+        trainer = Trainer(tiny_config(synthetic_shards, "train.steps=1"), tmp_path, DistInfo(0, 1, 0, torch.device("cpu")),
+                          log)
+        with pytest.raises(RuntimeError, match=r"Trainer.fit\(\) before Trainer.set_up\(\)"):
+            trainer.fit()
+    finally:
+        log.close()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from amodal import checkpoint as ck
+from amodal.tracking import METRICS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,18 +110,7 @@ def run(run_dir, data_root, overrides, world=1, env=None, expect=0, timeout=240)
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line being written right now
-        if kind is None or e["event"] == kind:
-            out.append(e)
-    return out
+    return [e for e in read_metrics(Path(run_dir) / METRICS_FILE) if kind is None or e["event"] == kind]
 
 
 def last_step(run_dir: Path) -> int:

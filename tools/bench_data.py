@@ -11,7 +11,10 @@ torch single-threaded) what one DataLoader worker does per sample, collating bat
   shard path:  read the context crop and its label maps from HDF5 (decoding them: version 2), warp + augment
 
 Both use the same augmentation code (amodal.data.augment, training mode, default factors), so the
-difference is reading and decoding. The course path and every layout are timed in turns, in each
+difference is reading and decoding. With the default layout, one more row: the worker's share of
+augment.on = "device" (read, decode, canvas; amodal.data.device_augment), whose batches are then warped
+on the training device; the cost per sample of that batched warp on this CPU (1 thread) is printed
+below the table, with both paths' worker samples per CPU-second as multiples of the course's. The course path and every layout are timed in turns, in each
 round, so that a shared machine's load falls on all of them. "image error" is the mean absolute
 difference of the training images (epoch 0) from the shards and from the course's frames.
 Example: python tools/bench_data.py --samples 512
@@ -40,6 +43,7 @@ from torch.utils.data import default_collate
 
 from amodal.config import AugmentConfig
 from amodal.data import augment
+from amodal.data.device_augment import augment_batch
 from amodal.data.format import CROP_SIZE, PackOptions, RawSample
 from amodal.data.pack import pack_course
 from amodal.data.sources import (IMAGES_LMDB, LABELS_LMDB, CourseSource, synthetic_in_frame,
@@ -102,6 +106,22 @@ def rate(dataset, order, batch: int) -> tuple[float, float]:
     for start in range(0, len(order), batch):
         default_collate([dataset[(0, int(i))] for i in order[start:start + batch]])
     return len(order) / (time.perf_counter() - t), len(order) / (time.process_time() - c)
+
+
+def training_samples(dataset, items, input_size: int) -> list[dict]:
+    """Samples as training sees them: augment.on = "device" batches warped here, on the CPU."""
+    if not dataset.on_device:
+        return [dataset[x] for x in items]
+    b = augment_batch(default_collate([dataset[x] for x in items]), torch.device("cpu"), input_size)
+    return [{"image": b["image"][k], "target": b["target"][k]} for k in range(len(items))]
+
+
+def batched_warp_us(dataset, order, batch: int, input_size: int, rounds: int) -> float:
+    """Best CPU microseconds per sample of augment_batch on this CPU, batches of `batch`."""
+    batches = [default_collate([dataset[(0, int(i))] for i in order[s:s + batch]])
+               for s in range(0, len(order) - batch + 1, batch)]
+    cpu = torch.device("cpu")
+    return cpu_per_item(lambda b: augment_batch(b, cpu, input_size), batches, rounds) / batch
 
 
 def cpu_per_item(fn, items, rounds: int = 3) -> float:
@@ -240,8 +260,13 @@ def main(argv=None) -> int:
             pack_course(tmp / "course", tmp / name, splits=("train",), progress=False, options=options)
             sizes[name] = sum(p.stat().st_size for p in (tmp / name).glob("*.h5")) / args.samples
             sets[name] = ShardDataset(tmp / name, "train", args.input_size, augment=AugmentConfig())
+        device_row = "v2-jpeg95, augment.on=device"
+        if "v2-jpeg95" in sets:
+            sizes[device_row] = sizes["v2-jpeg95"]
+            sets[device_row] = ShardDataset(tmp / "v2-jpeg95", "train", args.input_size, augment=AugmentConfig(),
+                                            on_device=True)
         print(f"built {args.samples} frames of {FRAME_W}x{FRAME_H} (course layout) and their shards in "
-              f"{len(sets)} layouts in {time.perf_counter() - t:.1f}s")
+              f"{len(args.layouts)} layouts in {time.perf_counter() - t:.1f}s")
 
         cfg = AugmentConfig()
         course = CoursePath(tmp / "course", cfg, args.input_size)
@@ -250,7 +275,7 @@ def main(argv=None) -> int:
         check = order[: min(64, args.samples)]
         for name, ds in sets.items():  # against the frames, with each sample's epoch-0 augmentation
             a = [course[(0, int(i))] for i in check]
-            b = [ds[(0, int(i))] for i in check]
+            b = training_samples(ds, [(0, int(i)) for i in check], args.input_size)
             errors[name] = (np.mean([(x["image"] - y["image"]).abs().mean().item() for x, y in zip(a, b)]) * 255,
                             np.mean([(x["target"] == y["target"]).float().mean().item() for x, y in zip(a, b)]))
         rate(course, order[: 2 * args.batch], args.batch)  # warm all (page cache, lazy opens)
@@ -277,6 +302,15 @@ def main(argv=None) -> int:
             err, eq = errors[name]
             print(f"| shards {name} | {sizes[name] / 1024:.1f} | {sizes[name] / size_course:.2f} | {w:.0f} | {c:.0f} "
                   f"| {w / wc:.2f} / {c / cc:.2f} | {err:.2f} | {eq * 100:.2f}% |")
+        if device_row in sets:
+            warp = batched_warp_us(sets[device_row], order, args.batch, args.input_size, args.rounds)
+            c_dev, c_worker = best[device_row][1], best["v2-jpeg95"][1]
+            print(f"batched warp of augment.on=device on this CPU (augment_batch, 1 thread, batches of "
+                  f"{args.batch}): {warp:.0f} us per sample")
+            print(f"worker samples per CPU-second as multiples of the course's: augment.on=device "
+                  f"{c_dev / cc:.1f}x, augment.on=worker {c_worker / cc:.1f}x (v2-jpeg95, "
+                  f"{sizes['v2-jpeg95'] / size_course:.2f}x the course's bytes per sample); with the batched "
+                  f"warp counted: {1e6 / (1e6 / c_dev + warp) / cc:.1f}x")
         for ds in sets.values():
             ds.close()
     return 0

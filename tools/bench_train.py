@@ -23,7 +23,6 @@ math: OMP_NUM_THREADS = CPUs - workers); it prints steady-state images/s of each
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,12 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from amodal.tracking import METRICS_FILE, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run(recipe: str, run_dir: Path, overrides: list[str], threads: int | None = None) -> float:
@@ -87,10 +83,10 @@ def main() -> None:
         sys.exit(f"{run_dir} exists; give a new folder to --keep")
     try:
         fresh_s = run(args.recipe, run_dir, args.overrides)
-        n_fresh = len(read_events(run_dir))
+        n_fresh = len(read_metrics(run_dir / METRICS_FILE))
         more = args.overrides + [f"train.steps={cfg.train.steps + args.resume_steps}"]
         resume_s = run(args.recipe, run_dir, more)
-        events = read_events(run_dir)
+        events = read_metrics(run_dir / METRICS_FILE)
         fresh, resumed = events[:n_fresh], events[n_fresh:]
 
         def first_step(evs):
@@ -121,7 +117,7 @@ def main() -> None:
 
 def steady_rate(run_dir: Path) -> tuple[float, int]:
     """(median images/s over the log intervals after the first, CPU threads the run used)."""
-    events = read_events(run_dir)
+    events = read_metrics(run_dir / METRICS_FILE)
     rates = [e["img_per_s"] for e in events if e["event"] == "train"][1:]
     return statistics.median(rates), next(e["cpu_threads"] for e in events if e["event"] == "start")
 

@@ -48,12 +48,14 @@ class ShardFile:
             self.f.close()
             raise ShardError(f"{self.path}: damaged shard: {e}") from None
         f = self.f
+        self.image_codec = lay["image"]["codec"] if self.version == 2 else "raw"
         if self.version == 1:
             self.image = ChunkReader(f["image"])
             self.labels = ChunkReader(f["labels"]) if s["has_labels"] else None
             self.front = ChunkReader(f["front"]) if s["has_front"] else None
         else:
             side, offsets = checked
+            self.sides = side
             self.image = BlobReader(f["image"], offsets["image"],
                                     lambda b, i: codec.decode_image(b, lay["image"]["codec"], side[i]))
             maps = lay["labels"]["codec"]
@@ -111,6 +113,17 @@ class ShardFile:
             offsets[name] = off
         return side.astype(np.int64), offsets
 
+    def image_reduced(self, i: int, reduce: int) -> tuple[np.ndarray, int]:
+        """Sample i's crop decoded at 1/reduce of its side (2 or 4) by the JPEG decoder itself, and the
+        reduction done: 1 (the whole crop) for other codecs and version 1."""
+        if reduce == 1 or self.image_codec != "jpeg":
+            return self.image[i], 1
+        data = self.image.bytes(i)
+        try:
+            return codec.decode_image(data, "jpeg", int(self.sides[i]), reduce), reduce
+        except codec.CodecError as e:
+            raise ShardError(f"{self.path}: dataset 'image', sample {i}: {e}") from None
+
     def keys(self) -> list[str]:
         if self._keys is None:
             self._keys = self.f["key"].asstr()[()].tolist()
@@ -158,8 +171,11 @@ class BlobReader:
     def __init__(self, ds: h5py.Dataset, offsets: np.ndarray, decode):
         self.ds, self.offsets, self.decode = ds, offsets, decode
 
+    def bytes(self, i: int) -> np.ndarray:
+        return self.ds[self.offsets[i]:self.offsets[i + 1]]
+
     def __getitem__(self, i: int) -> np.ndarray:
-        data = self.ds[self.offsets[i]:self.offsets[i + 1]]
+        data = self.bytes(i)
         try:
             return self.decode(data, i)
         except codec.CodecError as e:

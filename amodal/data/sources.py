@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from amodal.data import synthetic
+from amodal.data.codec import CodecError, decode_label_png, encode_label_png
 from amodal.data.format import RawSample, SourceError
-from amodal.labels import NUM_PARTS
+from amodal.labels import HAND_SUFFIXES, NUM_PARTS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +95,20 @@ COURSE_PATH2ID = {"train": "path2id_train.pt", "val": "path2id_val.pt"}
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+class _ImportedSource:
+    """What the two importers share: their samples indexed as self.entries, whose first field is the
+    sample's key, and no front maps (which hand is in front is known only to the synthetic generator)."""
+
+    has_front = False
+    entries: list[tuple]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def keys(self) -> list[str]:
+        return [e[0] for e in self.entries]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,18 +218,10 @@ def decode_image(data: bytes, where: str, key: str) -> np.ndarray:
 
 def decode_label(data: bytes, where: str, key: str) -> np.ndarray:
     """A label PNG: one channel, or three identical ones (the course's form) -> (H, W) uint8."""
-    lab = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if lab is None:
-        raise SourceError(f"{where}: key {key!r}: not a decodable label image")
-    if lab.dtype != np.uint8:
-        raise SourceError(f"{where}: key {key!r}: label image is {lab.dtype}, expected 8-bit")
-    if lab.ndim == 3:
-        if lab.shape[2] not in (3, 4) or not (np.array_equal(lab[..., 0], lab[..., 1])
-                                              and np.array_equal(lab[..., 0], lab[..., 2])):
-            raise SourceError(f"{where}: key {key!r}: label image channels differ (expected one channel "
-                              "or three identical ones)")
-        lab = np.ascontiguousarray(lab[..., 0])
-    return lab
+    try:
+        return decode_label_png(data)
+    except CodecError as e:
+        raise SourceError(f"{where}: key {key!r}: label image {e}") from None
 
 
 def course_left(raw: np.ndarray, where: str, key: str) -> np.ndarray:
@@ -236,10 +243,8 @@ def check_part_values(lab: np.ndarray, where: str, key: str) -> np.ndarray:
     return lab
 
 
-class CourseSource:
+class CourseSource(_ImportedSource):
     """One split (train, val or test) of the course's data folder (data/InterHand2.6M/ in the course)."""
-
-    has_front = False
 
     def __init__(self, root, split: str):
         root = Path(root)
@@ -289,22 +294,15 @@ class CourseSource:
         self.name = f"course {root.resolve()} {split} lists={digest}"
         self.where = str(datalist_path)
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def keys(self) -> list[str]:
-        return [e[0] for e in self.entries]
-
     def get(self, i: int) -> RawSample:
         key, lmdb_key, bbox, hand_type, label_id = self.entries[i]
         image = decode_image(self.images.get(lmdb_key), str(self.images.path), lmdb_key)
         labels = None
         if self.has_labels:
             where = str(self.labels.path)
-            left = course_left(decode_label(self.labels.get(label_id + "__l"), where, label_id + "__l"),
-                               where, label_id + "__l")
-            right = check_part_values(decode_label(self.labels.get(label_id + "__r"), where, label_id + "__r"),
-                                      where, label_id + "__r")
+            left_id, right_id = (label_id + suffix for suffix in HAND_SUFFIXES)
+            left = course_left(decode_label(self.labels.get(left_id), where, left_id), where, left_id)
+            right = check_part_values(decode_label(self.labels.get(right_id), where, right_id), where, right_id)
             if left.shape != right.shape or left.shape != image.shape[:2]:
                 raise SourceError(f"{where}: key {label_id!r} (image {key!r}): label maps "
                                   f"{left.shape}/{right.shape} do not match the image {image.shape[:2]}")
@@ -318,12 +316,10 @@ class CourseSource:
 FOLDER_BOXES = "boxes.json"
 
 
-class FolderSource:
+class FolderSource(_ImportedSource):
     """One split of a folder: images/<key>.jpg|png, labels/<key>__l.png and <key>__r.png (0..16), and
     boxes.json = {split: [{"key", "bbox": [x, y, w, h], "hand_type" (optional)}, ...]}.
     Labels are required, except for a test split, where they may be absent altogether."""
-
-    has_front = False
 
     def __init__(self, root, split: str):
         root = Path(root)
@@ -358,23 +354,21 @@ class FolderSource:
             if image is None:
                 raise SourceError(f"{root / 'images'}: key {key!r}: no {key}.jpg or {key}.png")
             self.entries.append((key, image, bbox, hand_type))
-        present = [(root / "labels" / f"{k}__l.png").exists() and (root / "labels" / f"{k}__r.png").exists()
-                   for k, *_ in self.entries]
+        present = [all(p.exists() for p in self.label_paths(k)) for k, *_ in self.entries]
         self.has_labels = all(present) and bool(present)
         if not self.has_labels:
             missing = next((e[0] for e, p in zip(self.entries, present) if not p), None)
             if split != "test" or any(present):
                 if missing is not None:
-                    raise SourceError(f"{root / 'labels'}: key {missing!r}: missing {missing}__l.png or "
-                                      f"{missing}__r.png (labels are optional only for a whole test split)")
+                    names = " or ".join(f"{missing}{suffix}.png" for suffix in HAND_SUFFIXES)
+                    raise SourceError(f"{root / 'labels'}: key {missing!r}: missing {names} (labels are optional "
+                                      f"only for a whole test split)")
         self.name = f"folder {root.resolve()} {split} boxes={_file_digest(boxes_path)}"
         self.where = str(boxes_path)
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def keys(self) -> list[str]:
-        return [e[0] for e in self.entries]
+    def label_paths(self, key: str) -> list[Path]:
+        """labels/<key>__l.png and <key>__r.png."""
+        return [self.root / "labels" / f"{key}{suffix}.png" for suffix in HAND_SUFFIXES]
 
     def get(self, i: int) -> RawSample:
         key, path, bbox, hand_type = self.entries[i]
@@ -382,8 +376,7 @@ class FolderSource:
         labels = None
         if self.has_labels:
             maps = []
-            for side in ("l", "r"):
-                p = self.root / "labels" / f"{key}__{side}.png"
+            for p in self.label_paths(key):
                 maps.append(check_part_values(decode_label(p.read_bytes(), str(p), key), str(p), key))
                 if maps[-1].shape != image.shape[:2]:
                     raise SourceError(f"{p}: key {key!r}: label map is {maps[-1].shape[1]}x{maps[-1].shape[0]}, "
@@ -435,9 +428,8 @@ def write_course_layout(root, splits: dict[str, list[RawSample]], jpeg_quality: 
                 if split in COURSE_PATH2ID:
                     path2id[s.key] = next_id
                     left = np.where(s.labels[0] > 0, s.labels[0] + LEFT_OFFSET, 0).astype(np.uint8)
-                    three = lambda m: np.repeat(m[:, :, None], 3, axis=2)  # the course's 3 equal channels
-                    ts.put(f"{next_id}__l".encode(), _encode(".png", three(left)))
-                    ts.put(f"{next_id}__r".encode(), _encode(".png", three(s.labels[1])))
+                    for suffix, label_map in zip(HAND_SUFFIXES, (left, s.labels[1])):
+                        ts.put(f"{next_id}{suffix}".encode(), encode_label_png(label_map))
                     next_id += 1
             torch.save(datalist, root / COURSE_DATALISTS[split])
             if split in COURSE_PATH2ID:
@@ -457,10 +449,10 @@ def write_folder_layout(root, splits: dict[str, list[RawSample]], image_ext: str
             img.parent.mkdir(parents=True, exist_ok=True)
             img.write_bytes(_encode(image_ext, s.image))
             if s.labels is not None:
-                for side, m in (("l", s.labels[0]), ("r", s.labels[1])):
-                    p = root / "labels" / f"{s.key}__{side}.png"
+                for suffix, label_map in zip(HAND_SUFFIXES, s.labels):
+                    p = root / "labels" / f"{s.key}{suffix}.png"
                     p.parent.mkdir(parents=True, exist_ok=True)
-                    p.write_bytes(_encode(".png", m))
+                    p.write_bytes(_encode(".png", label_map))
             entry = {"key": s.key, "bbox": [float(v) for v in s.bbox]}
             if s.hand_type:
                 entry["hand_type"] = s.hand_type

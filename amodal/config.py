@@ -128,7 +128,8 @@ class ModelConfig:
     stage_heads: bool = True  # resnet_unet: each decoder stage predicts logits, fused at the end
     pretrained: str = ""  # path of a local torchvision encoder state dict; nothing is downloaded
     # resnet_unet: feed the encoder RGB standardised with ImageNet's mean and std, as torchvision's
-    # ResNets (and any pretrained weights) expect; measured to learn sooner from scratch too (README).
+    # ResNets (and any pretrained weights) expect; measured to learn sooner from scratch too
+    # (docs/results/demo_budget).
     normalize_input: bool = True
 
 
@@ -216,7 +217,7 @@ class ExportConfig:
     shards: str = ""  # the packed set to predict; default: the one the model was trained on (data.root)
     split: str = "test"
     batch_size: Positive = 64
-    tta_flip: bool = False  # flip TTA measured no gain in the CPU study (README, Results); twice the cost
+    tta_flip: bool = False  # flip TTA measured no gain (docs/results/ablation_cpu); twice the cost
     submission: str = "test.lmdb.tar.gz"  # written in the run folder
 
 

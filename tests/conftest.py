@@ -19,6 +19,10 @@ from amodal.data.pack import pack_synthetic
 from amodal.data.sources import synthetic_in_frame
 from amodal.models import build_model
 
+# pytester runs pytest inside a test (tests/test_time_limit.py); time_limit fails a test of the fast set
+# that runs too long.
+pytest_plugins = ["pytester", "time_limit"]
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 # The shared dataset: small and fast to pack; two train shards so loaders cross a shard boundary.

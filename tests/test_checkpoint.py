@@ -97,6 +97,7 @@ def _save_forever(run_dir: str, start: int) -> None:
         ck.save_checkpoint(make_state(step, size=1_000_000), run_dir, keep_last=2, is_best=(step % 3 == 0))
 
 
+@pytest.mark.slow
 def test_kill_9_while_saving_never_loses_the_checkpoint(tmp_path):
     ck.save_checkpoint(make_state(1, size=1_000_000), tmp_path, keep_last=2)
     ctx = multiprocessing.get_context("fork")

@@ -40,6 +40,7 @@ def both_ways(root, input_size: int, epochs=range(4), batch: int = 32, **device_
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_size", [64, 128])
 def test_device_path_matches_the_worker_path(synthetic_shards, input_size):
     pairs = both_ways(synthetic_shards, input_size, reduced_decode=False)
@@ -102,6 +103,7 @@ def test_reduction_follows_source_pixels_per_output_pixel():
     assert reduction([0, 0, 1024, 1024], AugParams(), 128) == 4
 
 
+@pytest.mark.slow
 def test_reduced_decode_against_a_full_decode(synthetic_shards):
     """At input 32, most crops decode at 1/2 and some at 1/4. Measured mean abs differences of the
     warped images from a full decode's: 2.7/255 at 1/2, 4.8/255 at 1/4 (the full decode's bilinear warp
@@ -140,6 +142,7 @@ USER = ["augment.on=device", "tracking.wandb=offline", "data.num_workers=1", "mo
         "model.encoder_depth=18", "model.encoder_layers=3", "train.steps=8", "train.val_every=4"]
 
 
+@pytest.mark.slow
 def test_device_augmentation_trains_and_resumes_sample_exactly(synthetic_shards, tmp_path):
     from test_train_support import Launch, assert_bitwise_equal, events, final_state, samples_by_step
 

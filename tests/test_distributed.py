@@ -107,6 +107,7 @@ cleanup()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["slurm", "submitit"])
 def test_real_process_group_from_slurm_variables(source):
     # Two processes as srun would start them: only Slurm's variables, no MASTER_ADDR/PORT. The

@@ -23,6 +23,7 @@ def run_dir(tmp_path_factory, synthetic_shards):
     return run, tiny_unet_run(run, str(synthetic_shards))
 
 
+@pytest.mark.slow
 def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):
     run, model = run_dir
     rows = score(run, split="val", batch_size=5)  # shards from the checkpoint's data.root
@@ -39,6 +40,7 @@ def test_scores_equal_the_metric_on_the_whole_split(run_dir, synthetic_shards):
     assert rows[0]["count"] == rows[1]["count"] > 0
 
 
+@pytest.mark.slow
 def test_cli_prints_both_settings_and_names_a_missing_checkpoint(run_dir, tmp_path):
     run, _ = run_dir
     tool = [sys.executable, str(REPO / "tools" / "evaluate.py")]

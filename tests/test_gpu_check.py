@@ -15,12 +15,14 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 from conftest import TOOLS, load_tool
 
 gpu_check = load_tool("gpu_check")
 wheels = sys.modules["gpucheck.wheels"]
 
 
+@pytest.mark.slow
 def test_cpu_rehearsal_runs_every_stage(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(TOOLS.parent)}

@@ -193,6 +193,7 @@ def test_folder_bad_input_names_file_and_key(frames, tmp_path):
         FolderSource(src, "test")
 
 
+@pytest.mark.slow
 def test_pack_shards_cli(course_dir, tmp_path, capsys):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(REPO / "tools/pack_shards.py"), "course", "--root", str(course_dir),

@@ -95,6 +95,7 @@ def stopped_at(run_dir, out: str) -> int:
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_signals_during_a_save_a_validation_and_the_first_step_after_a_resume(synthetic_shards, tmp_path):
     """One run, interrupted three times and resumed each time by the same command, beside the

@@ -156,6 +156,7 @@ def test_walltime_requeues_are_bounded(tmp_path):
         ("walltime", "job"), ("walltime", "job"), ("walltime", "no"), ("cancel", "no")]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch, capsys, synthetic_shards):
     """A local job with a 40 s limit gets USR2 20 s in, saves, exits with 144 (submitit's local requeue),
@@ -247,6 +248,7 @@ def test_export_predicts_another_packed_set(tmp_path, monkeypatch, capsys, synth
         assert code != 0 and expected in out + err, out + err
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_training_job_finished_does_not_kill_it(tmp_path, synthetic_shards):
     """A wall-time or preemption signal that comes while a finished training job exits must not end it
     by that signal (Slurm would record the finished job as FAILED, or requeue it)."""

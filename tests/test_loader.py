@@ -109,6 +109,7 @@ def test_resume_on_another_world_size_gives_the_same_global_batches(train_set, b
     assert len(set(sum(ref_keys[:8], []))) == 64  # epoch 0 visits every sample once
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_workers_open_hdf5_lazily_and_match_the_in_process_loader(train_set):
     train_set[(0, 0)]  # the parent has opened a shard before the workers start: they must not reuse it

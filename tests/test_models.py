@@ -304,6 +304,7 @@ def test_model_table_counts_macs():
     assert gmacs == pytest.approx(34 * 3 * 9 * 32 * 32 / 1e9)  # one multiply-add per weight per pixel
 
 
+@pytest.mark.slow
 def test_bench_model_runs(capsys):
     load_tool("bench_model").main(["--device", "cpu", "--batch", "2", "--size", "64", "--steps", "1", "--rounds", "2", "--threads", "1"])
     out = capsys.readouterr().out

@@ -89,6 +89,7 @@ def reference_tta(model, dataset):
     return torch.stack(out).numpy().astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_file_contents_and_tta(tmp_path, test_set):
     model = conv_model()
     plain = predict_to_file(model, test_set, tmp_path / "plain.h5", batch_size=3, checkpoint="ckpt.pt")
@@ -110,6 +111,7 @@ def test_file_contents_and_tta(tmp_path, test_set):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.h5", "tta.h5"]  # no temporaries left
 
 
+@pytest.mark.slow
 def test_tta_of_equivariant_model_changes_nothing(tmp_path, test_set):
     model = Symmetrized(conv_model(1))
     plain = labels_of(predict_to_file(model, test_set, tmp_path / "a.h5", batch_size=7))[1]

@@ -87,6 +87,7 @@ def table_rows(md: str, first_cell: str = "#") -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_report_of_a_sweep_folder(sweep, tmp_path):
     out = tmp_path / "report"
     result = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(sweep), "-o", str(out),

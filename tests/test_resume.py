@@ -15,6 +15,9 @@ import torch
 from test_train_support import (Launch, assert_bitwise_equal, events, final_state, max_weight_diff,
                                 samples_by_step)
 
+# Every test here shares the module's real training runs (minutes in all).
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 SIGNAL_AT = 3  # the signal is sent once step 3 is done; the run stops at the next step boundary
 KILL_AT = 6  # kill -9 once step 6 is done: between the periodic checkpoints of steps 4 and 8

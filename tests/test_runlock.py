@@ -48,6 +48,7 @@ def write_lock(run: Path, **fields) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_second_training_process_on_a_held_folder_exits_at_once_naming_the_holder(tmp_path, synthetic_shards):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "amodal.train", SMOKE, "--run-dir", str(run)]

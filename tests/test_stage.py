@@ -135,6 +135,7 @@ def test_a_full_disk_falls_back_to_the_shared_folder(shared, tmp_path):
     assert staged.root == dest and not staged.fell_back and len(staged.copied) == 3
 
 
+@pytest.mark.slow
 def test_two_ranks_on_one_node_stage_once(shared, tmp_path):
     """Two processes stage at once: the first holds the lock after its first shard until the second has
     started staging; the second waits for it, then finds every shard listed and copies nothing."""
@@ -195,6 +196,7 @@ def test_data_stage_is_checked_when_the_config_loads(tmp_path, monkeypatch):
         load_config(None, [f"data.stage={tmp_path / 'file'}"])
 
 
+@pytest.mark.slow
 def test_training_reads_the_staged_copy_and_records_the_shared_folder(shared, tmp_path):
     from test_train_support import TINY
 

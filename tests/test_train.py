@@ -83,6 +83,7 @@ def test_warmup_cosine_schedule():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
 
 
+@pytest.mark.slow
 def test_optimizer_fused_with_decay_groups():
     """The trainer's AdamW runs the fused kernel (on the CPU too), keeps biases and norm weights out of
     weight decay, and steps like the for-each AdamW it replaced."""
@@ -150,6 +151,7 @@ def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_run_folder(finished_run, synthetic_shards):
     run_dir = finished_run
     config = json.loads((run_dir / "config.json").read_text())
@@ -171,6 +173,7 @@ def test_run_folder(finished_run, synthetic_shards):
     assert "step 4/4" in log and "val step 4" in log and "finished at step 4" in log
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_global_batch(finished_run, tmp_path, synthetic_shards):
     run_dir = copy_run(finished_run, tmp_path)
     cfg = tiny_config(synthetic_shards, "train.steps=6", "train.global_batch=8")
@@ -183,6 +186,7 @@ def test_resume_refuses_another_global_batch(finished_run, tmp_path, synthetic_s
     assert result.step == 5 and not result.interrupted
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data(finished_run, tmp_path):
     other = tmp_path / "other-data"
     pack_synthetic(other, 8, 4, 0, seed=1, progress=False)
@@ -194,6 +198,7 @@ def test_resume_refuses_other_data(finished_run, tmp_path):
     assert [s for s, _ in ck.list_checkpoints(run_dir)] == [2, 4]  # nothing written
 
 
+@pytest.mark.slow
 def test_resume_extends_the_run_with_a_progress_bar_on_a_terminal(finished_run, tmp_path, synthetic_shards):
     run_dir = copy_run(finished_run, tmp_path)
     args = [sys.executable, "-m", "amodal.train", *cli(run_dir, synthetic_shards, "train.steps=6",
@@ -222,6 +227,7 @@ def test_resume_extends_the_run_with_a_progress_bar_on_a_terminal(finished_run, 
     assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_is_a_clear_error(finished_run, tmp_path, synthetic_shards):
     run_dir = copy_run(finished_run, tmp_path)
     before = ck.step_path(run_dir, 4).read_bytes()
@@ -245,6 +251,7 @@ def test_full_disk_during_a_save_is_a_clear_error(finished_run, tmp_path, synthe
     assert not [p for p in (run_dir / "checkpoints").iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_saves_nothing_bad(synthetic_shards, tmp_path, capsys):
     # A learning rate of 1e30 makes the weights huge after step 1 and the loss NaN at step 2.
     run_dir = tmp_path / "run"
@@ -276,6 +283,7 @@ def test_fit_without_set_up_is_a_clear_error(synthetic_shards, tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_periodic_saves_by_minutes(synthetic_shards, tmp_path):
     # Saves by time alone (no step interval): a tiny interval saves after every step.
     cfg = tiny_config(synthetic_shards, "train.steps=3", "train.val_every=0", "checkpoint.every_steps=0",
@@ -310,6 +318,7 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_wandb_service_killed_mid_run_costs_one_warning_and_no_step(tmp_path, synthetic_shards):
     """What a user runs (wandb offline, a loader worker, a ResNet U-Net): the wandb service dies mid-run,
     as Slurm's SIGTERM can kill it; training goes on to the end with one warning, metrics.jsonl keeps
@@ -339,6 +348,7 @@ def test_wandb_service_killed_mid_run_costs_one_warning_and_no_step(tmp_path, sy
     assert ck.load_latest(launch.run_dir)[1]["wandb_run_id"] == start["wandb_run_id"] is not None
 
 
+@pytest.mark.slow
 def test_cpu_threads_leave_no_core_idle_for_loader_workers(tmp_path, synthetic_shards, monkeypatch):
     """On the CPU the math gets every CPU of this rank's share, with loader workers on: a worker reads
     thousands of samples/s and idles at CPU training rates (tools/bench_train.py --workers)."""
@@ -364,6 +374,7 @@ def test_cpu_threads_leave_no_core_idle_for_loader_workers(tmp_path, synthetic_s
     assert events(tmp_path / "run", "start")[0]["cpu_threads"] == cpus
 
 
+@pytest.mark.slow
 def test_deep_supervision_trains_a_resnet_and_is_refused_for_a_plain_model(synthetic_shards, tmp_path):
     run = tmp_path / "deep"
     code = main(cli(run, synthetic_shards, "train.steps=2", "train.val_every=2", "model.name=resnet_unet",

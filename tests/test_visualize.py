@@ -41,6 +41,7 @@ def run_dir(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_cli_writes_one_panel_per_sample(shards, run_dir, tmp_path):
     out = tmp_path / "panels"
     result = subprocess.run(

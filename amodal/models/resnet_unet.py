@@ -10,7 +10,7 @@ input resolution.
 `encoder_layers = 3` stops the encoder after layer3 (stride 16) and drops the decoder's coarsest
 stage (channels 128, 64, 32, 16). For small inputs: at 64x64 layer4 works on 2x2 maps, where its
 3x3 convolutions see mostly padding, yet it holds three quarters of a ResNet-18's weights and, with
-the decoder stage that reads it, about 30% of a training step on a CPU (README, "The demo").
+the decoder stage that reads it, about 30% of a training step on a CPU (docs/results/demo_budget).
 
 How we read "each decoder layer predicts a section of the final result": every decoder stage s has
 a head of its own, a 1x1 conv that predicts all 34 logits p_s at the stage's resolution (S/16 .. S).

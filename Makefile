@@ -1,7 +1,7 @@
 # The two commands of a fresh machine (README.md): `make demo` and `make test`.
 PYTHON ?= python3
 
-.PHONY: install demo test test-fast cluster-up cluster-down
+.PHONY: install demo test test-fast cluster-up cluster-down gpu-rehearsal
 
 install:
 	$(PYTHON) -m pip install -q -e '.[test]'
@@ -28,3 +28,8 @@ cluster-up:
 
 cluster-down:
 	bash slurm/local-cluster.sh down
+
+# Before a run on the GPU machine (docs/gpu.md): its image rehearsed here (Python 3.12, torch 2.11,
+# the carried wheels), once a venv is built; not part of `make test`.
+gpu-rehearsal:
+	bash tools/gpu_rehearsal.sh

@@ -15,7 +15,7 @@ from pathlib import Path
 from gpucheck.stages import STAGE_FUNCS, TITLES
 from gpucheck.state import ROOT, Check, Result, StageRecord
 
-# Seconds per stage. A full run stays under 8 minutes with the wheels' 15 s: 15 + 465 = 480.
+# Seconds per stage. A full run stays under 9 minutes with the wheels' 30 s: 30 + 505 = 535.
 BUDGETS = {"env": 30, "tests": 120, "bench": 130, "loader": 90, "train": 100, "export": 35}
 QUICK_BUDGETS = {"env": 60, "tests": 240, "bench": 150, "loader": 150, "train": 120, "export": 90}
 

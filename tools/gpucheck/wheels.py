@@ -14,7 +14,9 @@ from pathlib import Path
 from gpucheck.machine import project_commit
 from gpucheck.state import ROOT
 
-WHEELS_BUDGET = 15  # seconds
+# seconds: pip installs the default set (21 wheels, 24 MiB) in 7 s on this 2-core machine, and took more
+# than 15 s here under a load of 14; past it the wheels are unpacked instead, which also works
+WHEELS_BUDGET = 30
 
 
 def canonical(name: str) -> str:

@@ -157,6 +157,7 @@ except RunFolderHeld:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True])
 def test_racing_processes_one_wins(tmp_path, stale):
     """Eight processes start for one folder at the same moment (with a gone holder too: all take over

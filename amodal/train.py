@@ -150,9 +150,6 @@ class Trainer:
         self.per_rank = per_rank_batch(t.global_batch, self.world)
         self.amp_dtype, self.use_scaler = resolve_precision(t.precision, self.device)
         self.cuda = self.device.type == "cuda"
-        # A layout for tensor cores. Kept to CUDA: on the CPU it sped up the demo model's forward and
-        # backward in a quick test, but a whole training step with it is not measured yet.
-        self.channels_last = t.channels_last and self.cuda
         if self.cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -179,6 +176,7 @@ class Trainer:
         self.training_step = build_step(cfg, self.device)
         self.model, self.loss_fn = self.training_step.model, self.training_step.loss_fn
         self.optimizer, self.scaler = self.training_step.optimizer, self.training_step.scaler
+        self.channels_last = self.training_step.channels_last  # validation uses the step's layout
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.step, self.best_miou, self.wandb_id, self.last_path = 0, None, None, None
         # set_up() fills these

@@ -1,7 +1,6 @@
 """Score a checkpoint on a labelled split with the leaderboard mIoU, with and without flip TTA.
 
     amodal-evaluate CHECKPOINT [--shards DIR] [--split val] [--tta-flip both|on|off]
-    (or: python tools/evaluate.py ..., python -m amodal.evaluate ...)
 
 CHECKPOINT is a checkpoint file or a run folder (its best.pt, else its newest checkpoint). The weights
 are those validation scored (the EMA copy when the run kept one). The shards default to the ones the
@@ -55,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from amodal.data.format import ShardError
     from amodal.predict import PredictError
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="amodal-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run folder")
     parser.add_argument("--shards", metavar="DIR", help="shard folder (default: the checkpoint's data.root)")
     parser.add_argument("--split", default="val", help="labelled split to score (default: %(default)s)")

@@ -1,4 +1,4 @@
-"""python -m amodal.launch [RECIPE] [--partition P] [--hours H] ... : submit a job to Slurm or run it here.
+"""amodal-launch [RECIPE] [--partition P] [--hours H] ... : submit a job to Slurm or run it here.
 
 The recipe's `job` key picks the job (train, retrain_full, export: amodal/jobs.py); a recipe with a
 sweep (`sweep` grid or `points`) becomes one Slurm job array, one run folder per element. Clusters:
@@ -37,7 +37,7 @@ SLURM_FLAGS = {"partition": str, "hours": float, "nodes": int, "gpus_per_node": 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m amodal.launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="amodal-launch", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", help="job recipe (default: jobs/train.toml)")
     for name, kind in SLURM_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"sets slurm.{name}")
@@ -131,7 +131,7 @@ def announce(job, cfg: Config, cluster: str) -> None:
     write_text_atomic(run_dir / "job.json", json.dumps(record) + "\n")
     where = "to Slurm" if cluster == "slurm" else "on this machine (local executor)"
     print(f"submitted {cfg.job} job {job.job_id} {where}\n  run folder: {run_dir}\n"
-          f"  follow it:  python -m amodal.status {run_dir}\n  log:        {job.paths.stdout}", flush=True)
+          f"  follow it:  amodal-status {run_dir}\n  log:        {job.paths.stdout}", flush=True)
 
 
 def wait_local(job) -> int:

@@ -47,7 +47,7 @@ def check_data(cfg: Config) -> None:
     if not (Path(d.root) / MANIFEST).exists():
         if not d.make_synthetic:
             raise ConfigError(f"data.root = {d.root}: no {MANIFEST} there, and data.make_synthetic = false "
-                              f"(pack the data first: tools/pack_shards.py, or name the packed folder)")
+                              f"(pack the data first: amodal-pack, or name the packed folder)")
         unknown = [s for s in splits if s not in SYNTHETIC_SPLITS]
         if unknown:
             raise ConfigError(f"data.root = {d.root}: split {unknown[0]!r} is not one the synthetic shards made "

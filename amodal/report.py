@@ -1,6 +1,6 @@
 """Collect finished training runs into a results table and bar charts.
 
-    amodal-report RUNS... -o DIR [--baseline RUN]      (or: python tools/report.py ...)
+    amodal-report RUNS... -o DIR [--baseline RUN]
 
 Each RUN is a run folder (holding config.json and metrics.jsonl, as amodal.train writes them) or a
 folder holding run folders (a sweep: runs/<sweep name>/<point>/). Writes into DIR:
@@ -417,7 +417,8 @@ def report(paths: list[Path], out_dir: Path, baseline: str | None = None) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="amodal-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUNS", help="run folders or folders of runs")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder for the report")
     parser.add_argument("--baseline", metavar="RUN", help="run to compare every mIoU with (a name or part of one)")

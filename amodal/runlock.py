@@ -56,9 +56,15 @@ def job_id() -> str | None:
 
 
 def _command() -> str:
-    """This process's command line as typed: `python -m amodal.train ...` rather than the module's path."""
+    """This process's command line as typed: `amodal-train ...` or `python -m amodal.train ...`, not the
+    path of the installed script or of the module."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    head = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    if spec is not None:
+        head = f"python -m {spec.name}"
+    elif sys.argv[0].endswith(".py"):
+        head = f"python {sys.argv[0]}"
+    else:  # a console script (setup.cfg's entry points)
+        head = Path(sys.argv[0]).name
     return " ".join([head, *sys.argv[1:]])[:300]
 
 

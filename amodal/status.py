@@ -1,4 +1,4 @@
-"""python -m amodal.status RUN_DIR: state, requeues, last checkpoint and latest metrics of a run.
+"""amodal-status RUN_DIR: state, requeues, last checkpoint and latest metrics of a run.
 
 Reads the run folder (job.json written by amodal.launch, requeues.json, config.json, checkpoints/,
 metrics.jsonl) and, for Slurm jobs, asks squeue, scontrol and sacct.
@@ -137,7 +137,7 @@ def describe(run_dir: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m amodal.status", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="amodal-status", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/smoke")
     args = parser.parse_args(argv)
     try:

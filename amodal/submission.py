@@ -15,8 +15,7 @@ reader takes channel 0. Keys are ASCII because the course's reader looks them up
 The predictions file that the writer reads (amodal.predict writes it): HDF5 with a dataset `keys`
 (variable-length UTF-8 strings, test-list order) and `labels` uint8 (N, 2, 128, 128) [left, right].
 
-The command `amodal-submission` (main below; also python tools/make_submission.py) writes or checks
-the file.
+The command `amodal-submission` (main below) writes or checks the file.
 """
 
 from __future__ import annotations
@@ -431,7 +430,8 @@ def split_keys(shards: Path, split: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from amodal.data.format import ShardError
 
-    parser = argparse.ArgumentParser(description=CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="amodal-submission", description=CLI_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("predictions", nargs="?", metavar="PREDICTIONS", help="predictions.h5 to convert")
     parser.add_argument("-o", "--output", metavar="OUT", default="test.lmdb.tar.gz", help="file to write (default: %(default)s)")
     parser.add_argument("--check", metavar="FILE", help="validate this leaderboard file instead of writing one")

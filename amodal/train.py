@@ -1,6 +1,6 @@
 """Training: shards and a model in, checkpoints and metrics out.
 
-    python -m amodal.train RECIPE [--run-dir DIR] [--set key=value ...]
+    amodal-train RECIPE [--run-dir DIR] [--set key=value ...]
 
 trains in the current process group (alone, or one process per rank under torchrun / srun /
 submitit) and resumes when the run folder already holds a checkpoint. The run folder gets
@@ -531,7 +531,7 @@ def train(cfg: Config, run_dir: str | Path, handle_signals: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m amodal.train",
+        prog="amodal-train",
         description="Train (or resume) in the current process group; run it again on the same run "
                     f"folder to resume. Exit status {EXIT_INTERRUPTED}: stopped by USR2/SIGTERM after saving.")
     parser.add_argument("recipe", nargs="?", help="job recipe (TOML), e.g. jobs/train.toml; defaults without")
@@ -543,8 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if cfg.job not in ("train", "retrain_full"):
-            raise ConfigError(f"job = {cfg.job!r}: python -m amodal.train runs training jobs; "
-                              "use python -m amodal.launch for the others")
+            raise ConfigError(f"job = {cfg.job!r}: amodal-train runs training jobs; "
+                              "use amodal-launch for the others")
         cfg = job_config(cfg)
         ckpt.check_finished_source(cfg)
     except ConfigError as e:

@@ -13,8 +13,8 @@ front == 1); its contour is drawn in white over a black rim on the ground truth 
 of that hand, so one sees whether the prediction fills in what it cannot see. The prediction titles
 give the image's leaderboard score for that hand (amodal.metrics.pair_scores).
 
-The command `amodal-visualize` (main below; also python tools/visualize.py) writes the panels of a
-checkpoint's predictions on a split.
+The command `amodal-visualize` (main below) writes the panels of a checkpoint's predictions on a
+split.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from amodal.data.format import ShardError
     from amodal.predict import PredictError
 
-    parser = argparse.ArgumentParser(description=CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="amodal-visualize", description=CLI_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file or run folder")
     parser.add_argument("--shards", required=True, metavar="DIR", help="shard folder (manifest.json + *.h5)")
     parser.add_argument("--split", default="val", help="split to draw (default: %(default)s)")

@@ -171,7 +171,7 @@ def test_local_executor_requeues_on_walltime_then_exports(tmp_path, monkeypatch,
     run = tmp_path / "runs" / "loc"
     assert code == 1 and re.search(r"job \d+ did not finish", err), out[-3000:] + err
     assert re.search(r"submitted train job \d+ on this machine", out)
-    assert f"follow it:  python -m amodal.status {run}" in out
+    assert f"follow it:  amodal-status {run}" in out
     assert "requeueing after the wall-time signal (walltime 1)" in out, out[-3000:]
     first = int(re.search(r"interrupted at step (\d+) \(SIGUSR2\)", out).group(1))
     assert f"resuming from {run}/checkpoints/step-{first:08d}.pt at step {first}/5000" in out, out[-3000:]

@@ -77,6 +77,25 @@ def test_second_training_process_on_a_held_folder_exits_at_once_naming_the_holde
     assert not (run / LOCK_NAME).exists(), "the lock is released when the run ends"
 
 
+def test_the_recorded_command_is_the_one_typed(tmp_path):
+    """An installed command (pip writes an executable without .py, as for amodal-train) is recorded by its
+    name, `python -m` by the module, a script by its path: what a user would type again."""
+    show = "from amodal.runlock import this_process; print(this_process()['command'])"
+    script = tmp_path / "amodal-train"
+    script.write_text(f"#!{sys.executable}\n{show}\n")
+    script.chmod(0o755)
+    (tmp_path / "show.py").write_text(show + "\n")
+    (tmp_path / "showmod.py").write_text(show + "\n")
+
+    def recorded(*argv):
+        env = dict(ENV, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert recorded(str(script), "jobs/smoke.toml") == "amodal-train jobs/smoke.toml"
+    assert recorded(sys.executable, "-m", "showmod", "x") == "python -m showmod x"
+    assert recorded(sys.executable, str(tmp_path / "show.py"), "x") == f"python {tmp_path / 'show.py'} x"
+
+
 def test_a_holder_that_is_gone_is_taken_over_with_one_warning(tmp_path):
     lines = []
     old = write_lock(tmp_path / "run")

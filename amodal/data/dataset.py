@@ -60,7 +60,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     raise ShardError(f"{path}: missing shard (listed in {self.root / MANIFEST})") from None
                 if size != e["bytes"]:
                     raise ShardError(f"{path}: {size} bytes, manifest says {e['bytes']} (truncated or "
-                                     "replaced; run tools/verify_shards.py)")
+                                     "replaced; run amodal-verify)")
                 self._entries.append((name, e))
                 self._starts.append(n)
                 n += e["count"]

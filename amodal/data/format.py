@@ -206,7 +206,7 @@ def read_manifest(root) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ShardError(f"{path}: no manifest (pack the data first: tools/pack_shards.py)") from None
+        raise ShardError(f"{path}: no manifest (pack the data first: amodal-pack)") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: unreadable manifest: {e}") from None
     try:

@@ -7,7 +7,7 @@
   progress is a tqdm bar.
 - pack_synthetic / pack_course / pack_folder: pack one kind of source (amodal.data.sources);
   ensure_synthetic: the synthetic set where a config's data.root has none yet.
-- main: the command line (`amodal-pack`, or python tools/pack_shards.py).
+- main: the command line (`amodal-pack`).
 
 Writing is crash-safe: every file is written under a temporary name, fsynced and renamed; a journal
 records each finished shard's hash so that an interrupted pack resumes where it stopped; the manifest
@@ -416,9 +416,9 @@ def ensure_synthetic(data_cfg) -> None:
 
 PACK_USAGE = """Pack a dataset into HDF5 shards (amodal/data/FORMAT.md).
 
-  python tools/pack_shards.py synthetic --out DIR --train N --val N --test N --seed S
-  python tools/pack_shards.py course --root LMDB_DIR --out DIR     (the course's data/InterHand2.6M/)
-  python tools/pack_shards.py folder --root DIR --out DIR          (images/, labels/, boxes.json)
+  amodal-pack synthetic --out DIR --train N --val N --test N --seed S
+  amodal-pack course --root LMDB_DIR --out DIR     (the course's data/InterHand2.6M/)
+  amodal-pack folder --root DIR --out DIR          (images/, labels/, boxes.json)
 
 Shards are written in format version 2 (JPEG q95 crops, zlib maps: ~33 KiB per InterHand-sized
 sample); --image-codec raw reads faster at ~7x the bytes, --format-version 1 writes what older amodal
@@ -429,7 +429,8 @@ complete and intact (an interrupted pack resumes); the manifest is written last.
 
 def main(argv=None) -> int:
     """The pack command line (PACK_USAGE)."""
-    ap = argparse.ArgumentParser(description=PACK_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="amodal-pack", description=PACK_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="shard folder to write (manifest.json + *.h5)")

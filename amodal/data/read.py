@@ -1,7 +1,6 @@
 """Reading shards: one open shard file of format version 1 or 2 (ShardFile), one sample of a version-1
 dataset chunked per sample (ChunkReader) or of a version-2 byte dataset (BlobReader), and the full
-check of a shard folder (verify_shards; its command line is main, `amodal-verify DIR` or
-`python tools/verify_shards.py DIR`). The format itself is in amodal.data.format (FORMAT.md), the
+check of a shard folder (verify_shards; its command line is main, `amodal-verify DIR`). The format itself is in amodal.data.format (FORMAT.md), the
 version-2 codecs in amodal.data.codec.
 """
 
@@ -226,7 +225,7 @@ def verify_shards(root) -> list[str]:
     return problems
 
 
-VERIFY_USAGE = """Re-hash and check a shard folder: python tools/verify_shards.py DIR
+VERIFY_USAGE = """Re-hash and check a shard folder: amodal-verify DIR
 
 Checks the manifest (fields, counts, fingerprint), each listed shard (present, size, sha256, datasets
 and shapes against the manifest; format version 2: byte offsets and crop sides) and that no unlisted
@@ -237,7 +236,8 @@ otherwise.
 
 def main(argv=None) -> int:
     """The verify command line (VERIFY_USAGE)."""
-    ap = argparse.ArgumentParser(description=VERIFY_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="amodal-verify", description=VERIFY_USAGE,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", help="shard folder (manifest.json + <split>-NNNNN.h5)")
     args = ap.parse_args(argv)
     problems = verify_shards(args.root)

@@ -175,7 +175,7 @@ def _copy_verified(src: Path, dst: Path, entry: dict, progress: Callable | None)
                     progress(dst.name, done, entry["bytes"])
         if h.hexdigest() != entry["sha256"]:
             raise ShardError(f"{src}: sha256 {h.hexdigest()[:16]}… does not match the manifest's "
-                             f"{entry['sha256'][:16]}… (the shared copy is damaged: tools/verify_shards.py)")
+                             f"{entry['sha256'][:16]}… (the shared copy is damaged: amodal-verify)")
         commit(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

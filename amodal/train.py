@@ -60,7 +60,7 @@ from amodal.fileio import write_text_atomic
 from amodal.metrics import evaluate
 from amodal.optim import apply_recipe, make_ema, make_scheduler
 from amodal.signals import EXIT_INTERRUPTED
-from amodal.step import build_step, resolve_precision
+from amodal.step import build_step
 from amodal.tracking import RunLog, start_tracking
 
 
@@ -148,7 +148,6 @@ class Trainer:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.per_rank = per_rank_batch(t.global_batch, self.world)
-        self.amp_dtype, self.use_scaler = resolve_precision(t.precision, self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             torch.backends.cudnn.benchmark = True
@@ -176,7 +175,9 @@ class Trainer:
         self.training_step = build_step(cfg, self.device)
         self.model, self.loss_fn = self.training_step.model, self.training_step.loss_fn
         self.optimizer, self.scaler = self.training_step.optimizer, self.training_step.scaler
-        self.channels_last = self.training_step.channels_last  # validation uses the step's layout
+        # validation and the logs use the step's precision and layout
+        self.amp_dtype, self.use_scaler = self.training_step.amp_dtype, self.training_step.use_scaler
+        self.channels_last = self.training_step.channels_last
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.step, self.best_miou, self.wandb_id, self.last_path = 0, None, None, None
         # set_up() fills these

@@ -179,6 +179,10 @@ def test_folder_bad_input_names_file_and_key(frames, tmp_path):
     cv2.imwrite(str(src / "labels" / f"{key}__r.png"), np.dstack([lab * 0, lab * 0, lab]))
     with pytest.raises(SourceError, match=rf"{key}__r.png: key '{key}': label image has 3 channels that differ"):
         FolderSource(src, "train").get(1)
+    right = np.zeros((160, 200), np.uint8)
+    right[40:80, 50:90] = 5
+    cv2.imwrite(str(src / "labels" / f"{key}__r.png"), np.dstack([right, right, right, np.full_like(right, 255)]))
+    assert np.array_equal(FolderSource(src, "train").get(1).labels[1], right)  # an alpha channel is ignored
     boxes = json.loads((src / "boxes.json").read_text())
     boxes["val"][0]["bbox"] = [10, 10, -5, 20]
     boxes["val"].append({"key": "../escape", "bbox": [0, 0, 1, 1]})

@@ -87,9 +87,10 @@ def encode_label_png(label_map: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def decode_label_png(data: bytes) -> np.ndarray:
-    """PNG bytes of a label map, one channel or three identical ones -> (H, W) uint8. A CodecError says
-    what is wrong ("is not a PNG image", ...); the caller names the file and key."""
+def decode_label_png(data: bytes, alpha_ok: bool = False) -> np.ndarray:
+    """PNG bytes of a label map, one channel or three identical ones -> (H, W) uint8; with alpha_ok, a
+    fourth (alpha) channel is ignored, as image tools often save one. A CodecError says what is wrong
+    ("is not a PNG image", ...); the caller names the file and key."""
     if not data.startswith(PNG_MAGIC):
         raise CodecError("is not a PNG image")
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -98,8 +99,8 @@ def decode_label_png(data: bytes) -> np.ndarray:
     if image.dtype != np.uint8:
         raise CodecError(f"has dtype {image.dtype}, expected uint8")
     if image.ndim == 3:
-        if image.shape[2] != 3:
-            raise CodecError(f"has {image.shape[2]} channels, expected 1 or 3")
+        if image.shape[2] not in ((3, 4) if alpha_ok else (3,)):
+            raise CodecError(f"has {image.shape[2]} channels, expected 1 or 3" + (" (+ alpha)" if alpha_ok else ""))
         if not (np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(image[:, :, 0], image[:, :, 2])):
             raise CodecError("has 3 channels that differ")
         image = np.ascontiguousarray(image[:, :, 0])

@@ -217,9 +217,10 @@ def decode_image(data: bytes, where: str, key: str) -> np.ndarray:
 
 
 def decode_label(data: bytes, where: str, key: str) -> np.ndarray:
-    """A label PNG: one channel, or three identical ones (the course's form) -> (H, W) uint8."""
+    """A label PNG: one channel, or three identical ones (the course's form), alpha ignored -> (H, W)
+    uint8. The leaderboard file's maps are checked more strictly (amodal/submission.py)."""
     try:
-        return decode_label_png(data)
+        return decode_label_png(data, alpha_ok=True)
     except CodecError as e:
         raise SourceError(f"{where}: key {key!r}: label image {e}") from None
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from amodal import runlock, slurm
-from amodal.config import (Config, ConfigError, absolute_paths, check_config, job_config, load_config, ranks_per_node,
+from amodal.config import (Config, ConfigError, absolute_paths, job_config, load_config, ranks_per_node,
                            sweep_points)
 from amodal.fileio import write_text_atomic
 from amodal.jobs import make_job
@@ -52,18 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args) -> Config:
-    cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set)
-    flags = {k: getattr(args, k) for k in SLURM_FLAGS if getattr(args, k) is not None}
-    cfg = replace(cfg, slurm=replace(cfg.slurm, **flags))
+    # The command line's Slurm options are overrides like --set (after it), so the recipe is checked
+    # once, as it will run: an option can make a recipe valid as well as invalid.
+    flags = [f"slurm.{k}={json.dumps(getattr(args, k))}" for k in SLURM_FLAGS if getattr(args, k) is not None]
     if args.name:
-        cfg = replace(cfg, name=args.name, run_dir="")
-    elif cfg.job == "export" and not cfg.run_dir and cfg.export.checkpoint:
+        flags += [f"name={json.dumps(args.name)}", 'run_dir=""']
+    cfg = load_config(args.recipe or DEFAULT_RECIPE, args.set + flags)
+    if not args.name and cfg.job == "export" and not cfg.run_dir and cfg.export.checkpoint:
         # An export's files go next to the model: <trained run>/export/.
         source = Path(cfg.export.checkpoint)
         if source.suffix == ".pt":
             source = source.parent.parent if source.parent.name == "checkpoints" else source.parent
         cfg = replace(cfg, run_dir=str(source / "export"))
-    check_config(cfg, f"{args.recipe or DEFAULT_RECIPE} with the command line's options")  # flags, --name
     return absolute_paths(cfg)
 
 
@@ -75,10 +75,6 @@ def limits(cfg: Config, cluster: str) -> tuple[float, int]:
     return minutes, int(min(cfg.slurm.signal_delay_s, minutes * 30))
 
 
-def tasks_per_node(cfg: Config) -> int:
-    return ranks_per_node(cfg.slurm)
-
-
 def slurm_parameters(cfg: Config, after: str | None, array: int) -> dict:
     """sbatch options, in the names of submitit's SlurmExecutor."""
     s = cfg.slurm
@@ -87,7 +83,7 @@ def slurm_parameters(cfg: Config, after: str | None, array: int) -> dict:
     if after:
         extra.update(dependency=f"afterok:{after}", kill_on_invalid_dep="yes")
     params = dict(job_name=cfg.name, time=minutes, signal_delay_s=delay, nodes=s.nodes,
-                  ntasks_per_node=tasks_per_node(cfg), cpus_per_task=s.cpus_per_task, stderr_to_stdout=True,
+                  ntasks_per_node=ranks_per_node(cfg.slurm), cpus_per_task=s.cpus_per_task, stderr_to_stdout=True,
                   array_parallelism=max(1, min(s.array_parallelism, array)), additional_parameters=extra,
                   setup=SETUP)
     if s.gpus_per_node:
@@ -119,7 +115,7 @@ def make_executor(cfg: Config, cluster: str, folder: Path, after: str | None, ar
         return executor
     minutes, delay = limits(cfg, "local")
     executor = submitit.LocalExecutor(folder, max_num_timeout=s.max_walltime_requeues)
-    executor.update_parameters(timeout_min=minutes, signal_delay_s=delay, tasks_per_node=tasks_per_node(cfg),
+    executor.update_parameters(timeout_min=minutes, signal_delay_s=delay, tasks_per_node=ranks_per_node(cfg.slurm),
                                gpus_per_node=s.gpus_per_node, stderr_to_stdout=True, setup=SETUP)
     return executor
 

@@ -115,7 +115,11 @@ def describe(run_dir: Path) -> str:
         lines.append(f"checkpoint step {step}{f' of {steps}' if steps else ''}: {path}")
     else:
         lines.append("checkpoint none yet")
-    events = latest_events(run_dir / METRICS_FILE)
+    try:
+        events = latest_events(run_dir / METRICS_FILE)
+    except MetricsError as e:  # the state, requeues and checkpoint above still tell the user where the run is
+        lines.append(f"metrics    unreadable: {e}")
+        events = {}
     if "train" in events:
         e = events["train"]
         lines.append(f"train      step {e['step']}: loss {e['loss']:.4f}, lr {e['lr']:.3g}, "

@@ -25,3 +25,12 @@ def test_read_metrics_drops_only_a_cut_off_last_line(tmp_path):
     path.write_text('{"event": "start"}\n[1, 2]\n')
     with pytest.raises(MetricsError, match=f"{path}:2: expected a JSON object, got list"):
         read_metrics(path)
+
+
+def test_status_shows_the_rest_of_a_run_whose_metrics_are_broken(tmp_path):
+    from amodal.status import describe
+
+    (tmp_path / METRICS_FILE).write_text('{"event": "start", "step": 0}\n{"event": "tr\n{"event": "done"}\n')
+    text = describe(tmp_path)
+    assert "checkpoint none yet" in text  # what comes before the metrics is still shown
+    assert f"metrics    unreadable: {tmp_path / METRICS_FILE}:2: not a JSON record" in text

@@ -173,7 +173,7 @@ class Trainer:
 
         # Every rank builds the same initial weights from train.seed.
         self.training_step = build_step(cfg, self.device)
-        self.model, self.loss_fn = self.training_step.model, self.training_step.loss_fn
+        self.model = self.training_step.model
         self.optimizer, self.scaler = self.training_step.optimizer, self.training_step.scaler
         # validation and the logs use the step's precision and layout
         self.amp_dtype, self.use_scaler = self.training_step.amp_dtype, self.training_step.use_scaler
@@ -181,7 +181,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, t.steps)
         self.step, self.best_miou, self.wandb_id, self.last_path = 0, None, None, None
         # set_up() fills these
-        self.ema = self.step_model = self.eval_model = None
+        self.ema = self.eval_model = None
         self.tracker = None
         self.loader = self.val_loader = None
 
@@ -228,8 +228,7 @@ class Trainer:
         scores the moving average, or the model itself, never DDP (the ranks' shares are uneven)."""
         ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.cuda else None) \
             if self.world > 1 else self.model
-        self.step_model = torch.compile(ddp) if self.cfg.train.compile else ddp
-        self.training_step.net = self.step_model
+        self.training_step.net = torch.compile(ddp) if self.cfg.train.compile else ddp
         self.eval_model = self.ema.module if self.ema is not None else self.model
 
     def start_tracking(self) -> None:

@@ -49,7 +49,7 @@ rm -rf "$out"
 echo "+ $venv/bin/python tools/gpu_check.py --device cpu --quick -o $out/report --work $out/work"
 env -u PYTHONPATH PIP_CONFIG_FILE=/dev/null "$venv/bin/python" tools/gpu_check.py --device cpu --quick \
     -o "$out/report" --work "$out/work"
-if grep -E '\| (unpacked|failed)' "$out/report/cpu-quick.md"; then
+if grep -E '\.whl \| (unpacked|failed)' "$out/report/cpu-quick.md"; then
     echo "gpu_rehearsal: a wheel did not install with pip (above); the device run would fall back the same way" >&2
     exit 1
 fi

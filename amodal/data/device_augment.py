@@ -117,5 +117,5 @@ def augment_batch(batch: dict, device: torch.device, input_size: int) -> dict:
     if maps.shape[1] == 3:
         front = maps[:, 2]
         swapped = torch.where(front == FRONT_LEFT, FRONT_RIGHT, torch.where(front == FRONT_RIGHT, FRONT_LEFT, front))
-        out["front"] = torch.where(flip, swapped.to(torch.uint8), front)
+        out["front"] = torch.where(flip, swapped, front)
     return out

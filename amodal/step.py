@@ -98,12 +98,22 @@ class TrainingStep:
         return loss
 
 
+def use_cuda_math(device: torch.device) -> None:
+    """The trainer's CUDA settings, which the benchmarks must share to time its step: cuDNN picks the
+    fastest kernels for the fixed input size, and float32 matrix work may use TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def build_step(cfg: Config, device: torch.device, model: nn.Module | None = None,
                channels_last: bool | None = None) -> TrainingStep:
     """The recipe's step on `device`: its model (built from train.seed, unless `model` is given), loss,
     optimizer, precision and layout as the trainer builds them. `channels_last` None: the trainer's
     rule (train.channels_last, on CUDA only)."""
     t = cfg.train
+    use_cuda_math(device)
     if channels_last is None:
         # A layout for tensor cores, kept to CUDA: on the CPU the demo's whole step (forward, loss,
         # backward, clip, fused AdamW) took 6.3x as long with it, measured side by side with

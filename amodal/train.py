@@ -149,11 +149,7 @@ class Trainer:
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.per_rank = per_rank_batch(t.global_batch, self.world)
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        else:
+        if not self.cuda:  # the CUDA settings come with the step (amodal/step.py: use_cuda_math)
             torch.use_deterministic_algorithms(True, warn_only=True)
             threads = cpu_threads()
             if threads is not None:

@@ -25,10 +25,6 @@ def stage_bench(check: Check, res: Result) -> None:
         res.note("CPU rehearsal: fp32 (bf16 autocast only on CUDA), peak memory is the RSS growth of a step"
                  + (", compile with backend 'eager' (dynamo capture only; inductor takes minutes on the CPU)"
                     if backend == "eager" else ""))
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     # The trainer's step (amodal/step.py) with the default recipe's optimizer and precision, per-hand
     # cross-entropy, channels_last.
     cfg = Config(loss=LossConfig(name="ce"))

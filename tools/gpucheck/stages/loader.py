@@ -34,10 +34,6 @@ def stage_loader(check: Check, res: Result) -> None:
 
     # The GPU's step rate at the recipe, data already on the device: what the loader has to keep up with.
     # The trainer's own step (amodal/step.py): its model, loss, optimizer, precision and layout.
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     training_step = build_step(cfg, device)
     sample = next(iter(build_train_loader(ds, batch, 0, 1, cfg.train.seed, 0)))
     images, target = training_step.to_device(sample["image"], sample["target"])

@@ -111,13 +111,14 @@ def test_two_node_job_one_task_per_node(cluster, tmp_path):
 
 
 # The low-priority job records every signal it gets (with the time) and exits on SIGTERM, so the
-# preemption does not wait for KillWait. `--signal=B:USR2@60` names the user signal (for the batch
+# preemption does not wait for KillWait. The time is bash's own $EPOCHREALTIME: a `date` child would
+# get Slurm's signals too and, killed, leave a line without its time. `--signal=B:USR2@60` names the user signal (for the batch
 # shell); preempt_send_user_signal makes Slurm send it when preemption starts.
 LOW_JOB = """#!/bin/bash
 F={log}
-trap 'echo USR2 $(date +%s.%N) >> $F' USR2
-trap 'echo TERM $(date +%s.%N) >> $F; exit 0' TERM
-echo start ${{SLURM_RESTART_COUNT:-0}} $(date +%s.%N) >> $F
+trap 'echo USR2 $EPOCHREALTIME >> $F' USR2
+trap 'echo TERM $EPOCHREALTIME >> $F; exit 0' TERM
+echo start ${{SLURM_RESTART_COUNT:-0}} $EPOCHREALTIME >> $F
 while true; do sleep 1 & wait $!; done
 """
 
